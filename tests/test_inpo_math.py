@@ -1,0 +1,241 @@
+"""Unit tests of the math in inpo_utils.py against closed forms and diffusers' own schedulers."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
+
+import inpo_utils
+from inpo_utils import (
+    ddim_invert,
+    ddim_inverse_step,
+    implied_noise,
+    inpo_loss,
+    inversion_noise_std,
+    make_inverse_scheduler,
+    per_sample_mse,
+    v_prediction_target,
+)
+
+SD15_SCHEDULE = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1,
+)  # fmt: skip
+
+
+class ConstantNoiseUNet(torch.nn.Module):
+    """Predicts the same ε (1, C, H, W) for every input: DDIM then keeps x̂0 fixed, so inversion has a closed form."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+        self.calls = []
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        self.calls.append(timestep.clone())
+        return type("Out", (), {"sample": self.eps.expand_as(sample)})()
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+def test_grid_follows_model_config():
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    assert scheduler.timesteps.tolist() == [1, 101, 201, 301, 401, 501, 601, 701, 801, 901]
+
+
+def test_unsupported_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="sample"):
+        make_inverse_scheduler(DDIMScheduler(prediction_type="sample").config, 10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inverse_step_then_reverse_step_is_identity(prediction_type):
+    torch.manual_seed(0)
+    x, out = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    a_from, a_to = torch.tensor([0.9, 0.5, 0.99]), torch.tensor([0.3, 0.2, 0.7])
+    moved = ddim_inverse_step(x, out, a_from, a_to, "epsilon")
+    back = ddim_inverse_step(moved, out, a_to, a_from, "epsilon")
+    torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+    if prediction_type == "v_prediction":
+        # v = √ᾱ ε − √(1−ᾱ) x0 describes the same step as its ε.
+        a = a_from.view(-1, 1, 1, 1)
+        x0_hat = (x - (1 - a).sqrt() * out) / a.sqrt()
+        v = a.sqrt() * out - (1 - a).sqrt() * x0_hat
+        torch.testing.assert_close(ddim_inverse_step(x, v, a_from, a_to, "v_prediction"), moved, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_std_matches_ddim_posterior_variance():
+    scheduler = DDIMScheduler(**SD15_SCHEDULE)
+    landed = torch.tensor([1, 101, 501, 801])
+    expected = torch.stack([scheduler._get_variance(int(t) + 100, int(t)).sqrt() for t in landed])
+    torch.testing.assert_close(inversion_noise_std(scheduler.alphas_cumprod, landed, 100), expected)
+    # Past the end of the schedule τ+Δ is clamped to T−1.
+    last = inversion_noise_std(scheduler.alphas_cumprod, torch.tensor([901]), 100)
+    torch.testing.assert_close(last, scheduler._get_variance(999, 901).sqrt().view(1))
+
+
+@pytest.mark.parametrize("endpoint", ["grid", "exact"])
+def test_constant_model_inversion_closed_form(endpoint):
+    """With ε̂ ≡ c, every DDIM step keeps x̂0 = (x0 − √(1−ᾱ_init)c)/√ᾱ_init, so x_inv = √ᾱ_end x̂0 + √(1−ᾱ_end) c."""
+    torch.manual_seed(0)
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    x0, c = torch.randn(4, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor([0, 150, 901, 999])
+    out = ddim_invert(ConstantNoiseUNet(c), x0, t, torch.zeros(4, 2, 16), scheduler, endpoint=endpoint)
+    acp = scheduler.alphas_cumprod
+    a_init = scheduler.initial_alpha_cumprod
+    x0_hat = (x0 - (1 - a_init).sqrt() * c) / a_init.sqrt()
+    if endpoint == "exact":
+        a_end = acp[t]
+    else:  # last grid point below t: none for t=0, 101 for 150, 801 for 901 (strictly below), 901 for 999
+        a_end = torch.stack([a_init, acp[101], acp[801], acp[901]])
+    a_end = a_end.view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, a_end.sqrt() * x0_hat + (1 - a_end).sqrt() * c, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_endpoint_lands_on_t_and_evaluates_unet_there():
+    torch.manual_seed(0)
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    x0 = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([350, 350])
+    # With ε̂ equal to the true forward noise of a fixed ε, the exact endpoint reproduces the forward process at t.
+    c = torch.randn(1, 4, 8, 8)
+    unet = ConstantNoiseUNet(c)
+    x_exact = ddim_invert(unet, x0, t, torch.zeros(2, 2, 16), scheduler, endpoint="exact")
+    grid_calls = [int(call[0]) for call in unet.calls]
+    assert grid_calls == [1, 101, 201, 301, 350]
+    a_t = scheduler.alphas_cumprod[350]
+    a_init = scheduler.initial_alpha_cumprod
+    x0_hat = (x0 - (1 - a_init).sqrt() * c) / a_init.sqrt()
+    eps_star = implied_noise(x_exact, x0_hat, t, scheduler.alphas_cumprod)
+    torch.testing.assert_close(eps_star, c.expand_as(eps_star), atol=1e-4, rtol=1e-4)
+    assert a_t < scheduler.alphas_cumprod[301]
+
+
+def test_grid_matches_loop_over_diffusers_inverse_scheduler():
+    unet = tiny_unet()
+    torch.manual_seed(1)
+    x0 = torch.randn(3, 4, 8, 8)
+    text = torch.randn(3, 5, 16)
+    t = torch.tensor([999, 420, 50])
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    ours = ddim_invert(unet, x0, t, text, scheduler, endpoint="grid")
+
+    reference = DDIMInverseScheduler.from_config(DDIMScheduler(**SD15_SCHEDULE).config)
+    reference.set_timesteps(10)
+    for i in range(3):
+        x = x0[i : i + 1]
+        with torch.no_grad():
+            for tau in reference.timesteps:
+                if tau < t[i]:
+                    eps = unet(x, tau, text[i : i + 1]).sample
+                    x = reference.step(eps, tau, x).prev_sample
+        torch.testing.assert_close(ours[i : i + 1], x, atol=1e-5, rtol=1e-5)
+
+
+def _round_trip_error(unet, x0, text, steps):
+    """Invert x0 halfway (eta 0, grid endpoint), DDIM-sample back on the same grid, return ‖x − x0‖/‖x0‖."""
+    config = DDIMScheduler(**SD15_SCHEDULE).config
+    inverse = make_inverse_scheduler(config, steps)
+    top = int(inverse.timesteps[steps // 2])
+    x = ddim_invert(unet, x0, torch.full((len(x0),), top + 1), text, inverse, endpoint="grid")
+    travelled = (x - x0).norm() / x0.norm()
+    sampler = DDIMScheduler.from_config(config)
+    sampler.set_timesteps(steps)
+    with torch.no_grad():
+        for tau in sampler.timesteps:
+            if tau <= top:
+                x = sampler.step(unet(x, tau, text).sample, tau, x).prev_sample
+    return ((x - x0).norm() / x0.norm()).item(), travelled.item()
+
+
+def test_inversion_then_ddim_sampling_returns_to_x0():
+    """Deterministic inversion then DDIM sampling recovers x0, with first-order convergence in the grid size."""
+    unet = tiny_unet()
+    torch.manual_seed(2)
+    x0 = torch.randn(2, 4, 8, 8) * 0.5
+    text = torch.randn(2, 5, 16)
+    coarse, _ = _round_trip_error(unet, x0, text, steps=50)  # measured 0.043
+    fine, travelled = _round_trip_error(unet, x0, text, steps=250)  # measured 0.0087
+    assert fine < 0.01
+    assert fine < coarse / 4
+    assert travelled > 0.5  # the latent did move far from x0 (measured 0.81)
+
+
+def test_eta_adds_scaled_posterior_noise():
+    torch.manual_seed(0)
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    x0, c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor([50])  # exactly one grid step, landing on τ=1
+    unet = ConstantNoiseUNet(c)
+    clean = ddim_invert(unet, x0, t, torch.zeros(1, 2, 16), scheduler, eta=0.0)
+    noisy = ddim_invert(unet, x0, t, torch.zeros(1, 2, 16), scheduler, eta=0.1,
+                        generator=torch.Generator().manual_seed(7))  # fmt: skip
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    sigma = inversion_noise_std(scheduler.alphas_cumprod, torch.tensor([1]), 100)
+    torch.testing.assert_close(noisy - clean, 0.1 * sigma * z, atol=1e-6, rtol=1e-5)
+
+
+def test_implied_noise_inverts_forward_process():
+    torch.manual_seed(0)
+    acp = DDIMScheduler(**SD15_SCHEDULE).alphas_cumprod
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    a = acp[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    torch.testing.assert_close(implied_noise(x_t, x0, t, acp), eps, atol=1e-4, rtol=1e-4)
+    v = v_prediction_target(eps, x0, t, acp)
+    torch.testing.assert_close(v, a.sqrt() * eps - (1 - a).sqrt() * x0)
+    # Hand value: ᾱ = acp[500], x0 = 1, x_t = 2 → ε* = (2 − √ᾱ)/√(1−ᾱ).
+    one = torch.ones(1, 1, 1, 1)
+    expected = (2 - math.sqrt(acp[500])) / math.sqrt(1 - acp[500])
+    assert implied_noise(2 * one, one, torch.tensor([500]), acp).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_per_sample_mse():
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[2.0, 0.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(per_sample_mse(pred, target), torch.tensor([1.0, 1.0]))
+
+
+def test_inpo_loss_hand_computed():
+    pw, pl = torch.tensor([0.10, 0.20]), torch.tensor([0.30, 0.10])
+    rw, rl = torch.tensor([0.12, 0.20]), torch.tensor([0.29, 0.10])
+    beta = 100.0
+    loss, metrics = inpo_loss(pw, pl, rw, rl, beta)
+    # pair 0: inside = −50·[(0.10−0.12) − (0.30−0.29)] = −50·(−0.03) = 1.5; pair 1: 0 (a tie).
+    inside = torch.tensor([1.5, 0.0])
+    expected_loss = (math.log1p(math.exp(-1.5)) + math.log(2)) / 2
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["implicit_acc"].item() == pytest.approx(0.75)  # 1 + ½ for the tie
+    assert metrics["reward_margin"].item() == pytest.approx(inside.mean().item(), rel=1e-5)
+    assert metrics["policy_mse"].item() == pytest.approx(0.175)
+    assert metrics["reference_mse"].item() == pytest.approx(0.1775)
+
+
+def test_inpo_loss_beta_scaling_and_sign():
+    rw, rl = torch.tensor([0.2]), torch.tensor([0.2])
+    pw = torch.tensor([0.2], requires_grad=True)
+    loss, _ = inpo_loss(pw, torch.tensor([0.2]), rw, rl, beta=10.0)
+    loss.backward()
+    # ∂L/∂e_θ,w = ½β·σ(−inside) = 5·½ at inside = 0: lowering the winner's error lowers the loss.
+    assert pw.grad.item() == pytest.approx(2.5)
+    lower, _ = inpo_loss(torch.tensor([0.19]), torch.tensor([0.2]), rw, rl, beta=10.0)
+    assert lower < loss
+    # β multiplies the inside term: the same error gap at 10× β is the same loss as a 10× gap.
+    a, _ = inpo_loss(torch.tensor([0.19]), torch.tensor([0.2]), rw, rl, beta=100.0)
+    b, _ = inpo_loss(torch.tensor([0.10]), torch.tensor([0.2]), rw, rl, beta=10.0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-4)
+    assert inpo_utils.SUPPORTED_PREDICTION_TYPES == ("epsilon", "v_prediction")
