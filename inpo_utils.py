@@ -5,6 +5,12 @@ A batch of B preference pairs is laid out as 2B rows, winners first: rows [0, B)
 rows [B, 2B) the rejected ones, and row i and row B + i share their caption and their timestep.
 """
 
+import io
+import os
+import logging
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
@@ -220,3 +226,756 @@ def _per_sample(value, like):
     """Broadcast a scalar or (N,) tensor against (N, ...) `like`."""
     value = torch.as_tensor(value, device=like.device, dtype=like.dtype)
     return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim else value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One training step, shared by both scripts
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AdaptersDisabled:
+    """Calls a peft-adapted UNet with its LoRA adapters switched off, so one UNet in memory is also the reference."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def __call__(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states, inverse_scheduler,
+                   alphas_cumprod, eta=0.0, endpoint="grid", added_cond_kwargs=None, generator=None):  # fmt: skip
+    """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
+
+    latent_source="inversion" (InPO): DDIM inversion of x0 up to t, target ε* = implied noise.
+    latent_source="forward" (Diffusion-DPO): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε with one ε shared by both images of a pair.
+
+    Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
+    """
+    if latent_source == "inversion":
+        x_inv = ddim_invert(inversion_unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, eta=eta,
+                            endpoint=endpoint, generator=generator, added_cond_kwargs=added_cond_kwargs)  # fmt: skip
+        return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
+    if latent_source == "forward":
+        half = torch.randn(x0[: len(x0) // 2].shape, generator=generator, device=x0.device)
+        noise = half.repeat(2, 1, 1, 1)
+        a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], noise)
+        return a_t.sqrt() * x0.float() + (1 - a_t).sqrt() * noise, noise
+    raise ValueError(f"latent_source must be 'inversion' or 'forward', got {latent_source!r}")
+
+
+def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidden_states, inverse_scheduler, beta,
+                   latent_source="inversion", eta=0.0, endpoint="grid", added_cond_kwargs=None,
+                   timesteps=None, reference_errors=None, generator=None):  # fmt: skip
+    """InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
+
+    Args:
+        policy_unet: the trained UNet (called with grad).
+        reference_unet: the frozen reference (called without grad); unused when `reference_errors` is given.
+        inversion_unet: the UNet that inverts (the policy for the authors' online InPO, or the reference).
+        x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
+        timesteps: optional (B,) per-pair timesteps; sampled uniformly from {0, ..., T−1} when None.
+        reference_errors: optional (2B,) precomputed e_ref (the cache); skips the reference forward.
+    Returns: (loss, metrics) as `inpo_loss`, metrics also carrying the mean timestep.
+    """
+    num_pairs = len(x0) // 2
+    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, inverse_scheduler.config.num_train_timesteps, (num_pairs,), device=x0.device,
+                                  generator=generator)  # fmt: skip
+    timesteps = timesteps.to(x0.device).long().repeat(2)
+    latents, noise = source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states,
+                                    inverse_scheduler, alphas_cumprod, eta, endpoint, added_cond_kwargs, generator)  # fmt: skip
+    target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
+    model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    policy_pred = policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample
+    policy_errors = per_sample_mse(policy_pred, target)
+    if reference_errors is None:
+        with torch.no_grad():
+            reference_pred = reference_unet(latents.to(reference_unet.dtype), timesteps, encoder_hidden_states,
+                                            **model_kwargs).sample  # fmt: skip
+            reference_errors = per_sample_mse(reference_pred, target)
+    loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.to(policy_errors).chunk(2), beta)
+    metrics["timestep"] = timesteps.float().mean()
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference data (Pick-a-Pic v2 layout: caption, jpg_0, jpg_1, label_0)
+# --------------------------------------------------------------------------------------------------------------
+
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+def find_problem(caption, image_bytes_0, image_bytes_1):
+    """Why a row can't be trained on ("" if it can): unreadable image headers, zero-size images, empty captions.
+
+    Only the image headers are parsed here (cheap); a body that fails to decode later is dropped in `collate_pairs`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(caption, str) or not caption.strip():
+        return "empty caption"
+    for name, data in (("jpg_0", image_bytes_0), ("jpg_1", image_bytes_1)):
+        if not data:
+            return f"{name} has no bytes"
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width == 0 or image.height == 0:
+                    return f"{name} is zero-size"
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            return f"{name} does not decode ({type(error).__name__})"
+    return ""
+
+
+def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print):
+    """Load a Pick-a-Pic-format dataset (hub id or local folder of parquet files), validate it, drop ties and
+    unusable rows, and return it. Runs before any model is loaded, so a bad dataset fails in seconds.
+    """
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+    except ValueError as error:
+        raise ValueError(f"Could not load split {split!r} of {dataset_name!r}: {error}. Pass the split that holds "
+                         "your pairs with --dataset_split_name (local parquet folders: the file name prefix, "
+                         "e.g. train-*.parquet is split 'train').") from error  # fmt: skip
+    missing = [column for column in PAIR_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Dataset {dataset_name!r} lacks the column(s) {missing}; found {dataset.column_names}. "
+                         f"InPO needs Pick-a-Pic v2 columns {list(PAIR_COLUMNS)}: caption (str), jpg_0/jpg_1 "
+                         "(encoded image bytes), label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie).")  # fmt: skip
+    dataset = dataset.select_columns(list(PAIR_COLUMNS))
+    labels = dataset["label_0"]
+    bad_labels = sorted({label for label in labels if label not in (0, 0.5, 1)}, key=str)
+    if bad_labels:
+        raise ValueError(f"label_0 must be 0, 0.5 or 1; found {bad_labels[:5]}.")
+    decided = [i for i, label in enumerate(labels) if label in (0, 1)]
+    num_ties = len(labels) - len(decided)
+    dataset = dataset.select(decided)
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+
+    problems = dataset.map(
+        lambda batch: {"problem": [find_problem(*row) for row in zip(batch["caption"], batch["jpg_0"], batch["jpg_1"])]},
+        batched=True, remove_columns=dataset.column_names, desc="Checking pairs",
+    )["problem"]  # fmt: skip
+    skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
+    dataset = dataset.select([i for i, problem in enumerate(problems) if not problem])
+    reasons = {}
+    for _, problem in skipped:
+        reasons[problem] = reasons.get(problem, 0) + 1
+    log(f"Dataset {dataset_name!r} [{split}]: {len(dataset)} pairs kept, {num_ties} ties dropped, "
+        f"{len(skipped)} rows skipped {reasons or ''}".rstrip())  # fmt: skip
+    if skipped:
+        log("First skipped rows (index after dropping ties): " + ", ".join(f"{i}: {p}" for i, p in skipped[:5]))
+    if len(dataset) == 0:
+        raise ValueError(f"No usable preference pairs in {dataset_name!r} [{split}] ({num_ties} ties, "
+                         f"{len(skipped)} bad rows). Check label_0 and the image bytes.")  # fmt: skip
+    return dataset
+
+
+def resize_and_crop(image, resolution, crop_fraction=(0.5, 0.5), flip=False):
+    """Resize the short side to `resolution` (bilinear), crop a square, optionally flip; map to [−1, 1].
+
+    crop_fraction (0.5, 0.5) is a centre crop; random crops pass uniform fractions. Returns
+    (pixels (3, R, R) float32, original_size (h, w), crop_top_left (top, left)) — the last two are SDXL's
+    micro-conditioning, measured in the resized image as diffusers' SDXL training scripts do.
+    """
+    from PIL import Image
+
+    image = image.convert("RGB")
+    original_size = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, resample=Image.BILINEAR)
+    top = round((image.height - resolution) * crop_fraction[0])
+    left = round((image.width - resolution) * crop_fraction[1])
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, original_size, (top, left)
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Decoded, transformed pairs with the preferred image first.
+
+    Each index draws its crop and flip from its own generator seeded by (seed, epoch, index), so a resumed run sees
+    the same augmentation as an uninterrupted one; both images of a pair share the flip and crop fractions.
+    """
+
+    def __init__(self, dataset, resolution, random_crop=False, hflip=True, seed=0):
+        self.dataset = dataset
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.seed = seed or 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        row = self.dataset[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        crop_fraction = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
+        flip = self.hflip and bool(rng.integers(2))
+        preferred, rejected = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
+        try:
+            images = [Image.open(io.BytesIO(row[name])) for name in (preferred, rejected)]
+            transformed = [resize_and_crop(image, self.resolution, crop_fraction, flip) for image in images]
+        except (OSError, ValueError) as error:
+            logging.getLogger(__name__).warning(f"Skipping pair {index}: image does not decode ({error}).")
+            return None
+        return {
+            "caption": row["caption"],
+            "pixel_values": torch.stack([t[0] for t in transformed]),
+            "original_sizes": torch.tensor([t[1] for t in transformed]),
+            "crop_top_lefts": torch.tensor([t[2] for t in transformed]),
+        }
+
+
+def collate_pairs(examples):
+    """Batch B pairs as 2B rows, winners first. Pairs that failed to decode (None) are dropped."""
+    examples = [example for example in examples if example is not None]
+    if not examples:
+        return None
+
+    def winners_then_losers(key):
+        stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
+        return torch.cat([stacked[:, 0], stacked[:, 1]])
+
+    return {
+        "captions": [example["caption"] for example in examples],
+        "pixel_values": winners_then_losers("pixel_values").contiguous(),
+        "original_sizes": winners_then_losers("original_sizes"),
+        "crop_top_lefts": winners_then_losers("crop_top_lefts"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line shared by both scripts
+# --------------------------------------------------------------------------------------------------------------
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour",
+    "a cute dragon made of wool, studio lighting",
+    "a photo of an astronaut riding a horse on mars",
+    "a watercolor painting of a lighthouse at dawn",
+]
+
+
+def add_training_args(parser, default_beta, default_resolution, default_output_dir):
+    """Flags both scripts share; names follow diffusers' train_diffusion_dpo*.py where the meaning is the same."""
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
+    group.add_argument("--revision", default=None, help="Model revision on the hub.")
+    group.add_argument("--variant", default=None, help="Weight variant, e.g. fp16.")
+    group.add_argument("--dataset_name", required=True,
+                       help="Hub id (yuvalkirstain/pickapic_v2) or local folder of <split>-*.parquet files with "
+                            "columns caption, jpg_0, jpg_1, label_0.")  # fmt: skip
+    group.add_argument("--dataset_split_name", default="train")
+    group.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Keep this many pairs (after ties).")
+    group.add_argument("--resolution", type=int, default=default_resolution)
+    group.add_argument("--random_crop", action="store_true", help="Random instead of centre crops.")
+    group.add_argument("--no_hflip", action="store_true", help="Do not flip pairs horizontally at random.")
+    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                       help="Fraction of captions replaced by '' (the InPO authors' script uses 0.2).")  # fmt: skip
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
+
+    group = parser.add_argument_group("InPO")
+    group.add_argument("--beta_dpo", type=float, default=default_beta, help="β of the InPO/DPO loss.")
+    group.add_argument("--inversion_steps", type=int, default=10, help="K: points of the DDIM inversion grid.")
+    group.add_argument("--inversion_eta", type=float, default=0.1,
+                       help="Std multiplier of the noise added after each inverse step (authors: 0.1; 0 = pure "
+                            "DDIM inversion).")  # fmt: skip
+    group.add_argument("--inversion_endpoint", choices=INVERSION_ENDPOINTS, default="grid",
+                       help="grid: stop at the last grid point below t (the paper); exact: finish on t.")  # fmt: skip
+    group.add_argument("--inversion_model", choices=("policy", "reference"), default="policy",
+                       help="Which UNet inverts: the one being trained (the paper, online) or the frozen reference.")
+    group.add_argument("--latent_source", choices=("inversion", "forward"), default="inversion",
+                       help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).")
+    group.add_argument("--train_mode", choices=("lora", "full"), default="lora",
+                       help="lora: train LoRA adapters, reference = adapters off. full: train the whole UNet "
+                            "against a frozen copy (the paper).")  # fmt: skip
+    group.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    group.add_argument("--lora_target_modules", default="to_k,to_q,to_v,to_out.0",
+                       help="Comma-separated UNet module names that get LoRA adapters.")  # fmt: skip
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--output_dir", default=default_output_dir)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--train_batch_size", type=int, default=1, help="Pairs per device per micro-batch.")
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=1e-5)
+    group.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the lr by batch size x accumulation x processes (as the authors do).")
+    group.add_argument("--lr_scheduler", default="constant",
+                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                            '"constant_with_warmup".')  # fmt: skip
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="Default: accelerate's config.")  # fmt: skip
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (CUDA only); torch SDPA is the default.")  # fmt: skip
+
+    group = parser.add_argument_group("checkpoints, logging, hub")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    group.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    group.add_argument("--logging_dir", default="logs", help="Tracker folder inside --output_dir.")
+    group.add_argument("--tracker_name", default="inpo")
+    group.add_argument("--run_validation", action="store_true", help="Generate validation images.")
+    group.add_argument("--validation_steps", type=int, default=200)
+    group.add_argument("--validation_prompts", nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_token", default=None)
+    return parser
+
+
+def validate_training_args(args):
+    """Refuse impossible settings before anything is loaded, saying how to fix them."""
+    problems = []
+    if args.resolution % 8:
+        problems.append(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8).")
+    if args.train_mode == "lora" and args.rank < 1:
+        problems.append(f"--rank must be at least 1, got {args.rank}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        problems.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    if args.beta_dpo <= 0:
+        problems.append(f"--beta_dpo must be positive, got {args.beta_dpo}.")
+    if not 1 <= args.inversion_steps <= 1000:
+        problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
+    if args.inversion_eta < 0:
+        problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        problems.append("--proportion_empty_prompts must be in [0, 1].")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        problems.append("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        problems.append("--hub_token with --report_to wandb would leak the token into the run config; "
+                        "log in with `huggingface-cli login` instead.")  # fmt: skip
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        candidate = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint))
+        if not os.path.isdir(candidate):
+            problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist (nor "
+                            f"{candidate!r}); pass a checkpoint-<step> folder or 'latest'.")  # fmt: skip
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            problems.append("--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
+                            "(CUDA only), or drop the flag to use torch SDPA.")  # fmt: skip
+    if problems:
+        raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_sdxl):
+    """Read the UNet and scheduler configs (no weights) and refuse the wrong family or a prediction type we
+    can't train. Returns the scheduler config."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    try:
+        unet_config = UNet2DConditionModel.load_config(pretrained_model_name_or_path, subfolder="unet",
+                                                       revision=revision, cache_dir=cache_dir)  # fmt: skip
+        scheduler_config = DDIMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler",
+                                                     revision=revision, cache_dir=cache_dir)  # fmt: skip
+    except (OSError, EnvironmentError) as error:
+        raise ValueError(f"{pretrained_model_name_or_path!r} is not a diffusers pipeline with unet/ and scheduler/ "
+                         f"subfolders: {error}") from error  # fmt: skip
+    is_sdxl = unet_config.get("addition_embed_type") == "text_time"
+    if is_sdxl and not want_sdxl:
+        raise ValueError(f"{pretrained_model_name_or_path!r} is an SDXL checkpoint (its UNet takes text_time "
+                         "conditioning): use train_inpo_sdxl.py.")  # fmt: skip
+    if want_sdxl and not is_sdxl:
+        raise ValueError(f"{pretrained_model_name_or_path!r} is not an SDXL checkpoint (its UNet has no text_time "
+                         "conditioning): use train_inpo.py for SD 1.x/2.x.")  # fmt: skip
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(f"The scheduler of {pretrained_model_name_or_path!r} predicts {prediction_type!r}; InPO "
+                         f"supports {SUPPORTED_PREDICTION_TYPES}.")  # fmt: skip
+    return DDIMScheduler.from_config(scheduler_config).config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training run: accelerator, policy/reference, optimizer, checkpoints, loop, saving
+# --------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # Epoch shuffles from (seed, epoch), so a resumed run reads pairs in the uninterrupted order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )  # fmt: skip
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def weight_dtype_of(accelerator):
+    """dtype for frozen weights: fp16/bf16 under mixed precision; trainable parameters stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+class StepRandomness:
+    """The generator behind timesteps and inversion noise, saved in checkpoints so a resumed run draws the same
+    numbers as an uninterrupted one (the global RNGs are also touched by data loading)."""
+
+    def __init__(self, seed, device):
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def setup_policy_and_reference(unet, args, accelerator):
+    """Make `unet` the trainable policy and return (unet, reference, trainable_params).
+
+    LoRA: base weights frozen in the mixed-precision dtype, adapters in fp32; the reference is the same UNet with
+    the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype.
+    """
+    import copy
+
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    weight_dtype = weight_dtype_of(accelerator)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.train_mode == "lora":
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha or args.rank,
+            init_lora_weights="gaussian",
+            target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
+        ))  # fmt: skip
+        cast_training_params(unet, dtype=torch.float32)
+        reference = AdaptersDisabled(unet)
+    else:
+        reference = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+        unet.requires_grad_(True)
+        unet.to(accelerator.device, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"No UNet module matched --lora_target_modules {args.lora_target_modules!r}.")
+    return unet, reference, trainable
+
+
+def make_optimizer(params, args):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from error
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
+
+
+def lora_layers(unet):
+    """The UNet's LoRA weights in diffusers' format (what `save_lora_weights` writes)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def register_checkpoint_hooks(accelerator, args, pipeline_cls):
+    """Make `save_state` write the LoRA in diffusers' format (or the full UNet) instead of a pickled state dict,
+    and `load_state` read it back, keeping trainable parameters in fp32."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            model = accelerator.unwrap_model(model)
+            if accelerator.is_main_process and args.train_mode == "lora":
+                pipeline_cls.save_lora_weights(output_dir, unet_lora_layers=lora_layers(model))
+            elif accelerator.is_main_process:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+            if weights:  # saved above in diffusers' format; keep accelerate from pickling it again
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if args.train_mode == "lora":
+                state_dict, _ = pipeline_cls.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
+                unet_state = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
+                incompatible = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(unet_state),
+                                                         adapter_name="default")  # fmt: skip
+                if incompatible is not None and incompatible.unexpected_keys:
+                    raise ValueError(f"Checkpoint {input_dir} has LoRA weights this model lacks: "
+                                     f"{incompatible.unexpected_keys[:3]} (different --rank/--lora_target_modules?)")
+                cast_training_params(model, dtype=torch.float32)
+            else:
+                saved = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.load_state_dict(saved.state_dict())
+                del saved
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(output_dir):
+    """checkpoint-<step> folders in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(names, key=lambda name: int(name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
+    """Path of the checkpoint to resume from, or None for "latest" with nothing saved yet."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
+    if os.path.isdir(resume_from_checkpoint):
+        return resume_from_checkpoint
+    return os.path.join(output_dir, os.path.basename(resume_from_checkpoint))
+
+
+def prune_checkpoints(output_dir, total_limit, about_to_save=1):
+    """Delete the oldest checkpoints so that at most `total_limit` remain after saving `about_to_save` more."""
+    import shutil
+
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    excess = len(checkpoints) + about_to_save - total_limit
+    removed = checkpoints[: max(excess, 0)]
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name))
+    return removed
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """`accelerator.save_state` into a temporary folder, then an atomic rename: a run killed mid-save never
+    leaves a half-written checkpoint for `latest` to pick."""
+    import shutil
+
+    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    partial = os.path.join(args.output_dir, f".partial-{CHECKPOINT_PREFIX}{global_step}")
+    if accelerator.is_main_process:
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def gather_mean(accelerator, metrics):
+    """Average a dict of scalar tensors over processes; returns floats."""
+    names = sorted(metrics)
+    stacked = torch.stack([metrics[name].detach().float() for name in names])
+    gathered = accelerator.gather(stacked[None]).mean(dim=0)
+    return {name: value.item() for name, value in zip(names, gathered)}
+
+
+def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step_loss, on_validation,
+               params_to_clip):  # fmt: skip
+    """The optimisation loop both scripts run: resume, accumulate, clip, log, checkpoint, validate.
+
+    `step_loss(batch) -> (loss, metrics)` is the script's step; `on_validation(global_step)` makes images.
+    Returns the final global step.
+    """
+    from tqdm.auto import tqdm
+
+    logger = logging.getLogger(__name__)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    global_step, first_epoch, batches_to_skip = 0, 0, 0
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None and args.resume_from_checkpoint:
+        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+    elif checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        global_step = int(os.path.basename(checkpoint)[len(CHECKPOINT_PREFIX):])
+        first_epoch = global_step // updates_per_epoch
+        batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** InPO training *****  pairs = {len(pairs)}, epochs = {num_epochs}, pairs per device "
+                f"per micro-batch = {args.train_batch_size}, total pairs per step (processes x accumulation) = "
+                f"{total_batch}, optimizer steps = {args.max_train_steps}, starting at step {global_step}")  # fmt: skip
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    accumulated = {}
+    for epoch in range(first_epoch, num_epochs):
+        unet.train()
+        pairs.set_epoch(epoch)
+        dataloader.set_epoch(epoch)
+        epoch_loader = dataloader
+        if epoch == first_epoch and batches_to_skip:
+            epoch_loader = accelerator.skip_first_batches(dataloader, batches_to_skip)
+        for batch in epoch_loader:
+            if batch is None:
+                continue
+            with accelerator.accumulate(unet):
+                loss, metrics = step_loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in gather_mean(accelerator, metrics).items():
+                accumulated[name] = accumulated.get(name, 0.0) + value / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            accumulated["lr"] = lr_scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{accumulated['loss']:.4f}", acc=f"{accumulated['implicit_acc']:.2f}")
+            accelerator.log(accumulated, step=global_step)
+            accumulated = {}
+            if global_step % args.checkpointing_steps == 0:
+                logger.info(f"Saved {save_checkpoint(accelerator, args, global_step)}")
+            if args.run_validation and global_step % args.validation_steps == 0:
+                on_validation(global_step)
+            if global_step >= args.max_train_steps:
+                break
+    return global_step
+
+
+def resolve_max_train_steps(args, num_batches_per_epoch):
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+    return args.max_train_steps
+
+
+def make_lr_scheduler(optimizer, args, num_processes):
+    from diffusers.optimization import get_scheduler
+
+    # The prepared scheduler steps once per process per optimizer step.
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)  # fmt: skip
+
+
+def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step, tag="validation"):
+    """Generate one image per prompt with a fixed seed, log them to the trackers, return them (PIL)."""
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed or 0)
+    images = [pipeline(prompt, num_inference_steps=25, generator=generator, height=resolution,
+                       width=resolution).images[0] for prompt in prompts]  # fmt: skip
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image, caption=p) for image, p in zip(images, prompts)]}, step=step)
+    return images
+
+
+def write_model_card(args, output_dir, images=None, is_sdxl=False):
+    """README.md for the output folder: base model, data, InPO settings; the validation grid if there is one."""
+    from diffusers.utils import make_image_grid
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if images:
+        make_image_grid(images, 1, len(images)).save(os.path.join(output_dir, "validation_grid.png"))
+    kind = "LoRA adapters" if args.train_mode == "lora" else "a fully fine-tuned UNet"
+    description = f"""
+# InPO {'SDXL ' if is_sdxl else ''}{kind} for {args.pretrained_model_name_or_path}
+
+Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.dataset_name}`
+(split `{args.dataset_split_name}`{f', {args.max_train_samples} pairs' if args.max_train_samples else ''}).
+
+| setting | value |
+|---|---|
+| β (beta_dpo) | {args.beta_dpo} |
+| optimizer steps | {args.max_train_steps} |
+| pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}) |
+| train mode | {args.train_mode}{f', rank {args.rank}' if args.train_mode == 'lora' else ''} |
+| resolution | {args.resolution} |
+
+{'![validation](validation_grid.png)' if images else ''}
+
+Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on the base pipeline.
+"""
+    # Built locally rather than through `load_or_create_model_card`, which looks the output folder up on the hub.
+    card = ModelCard.from_template(
+        ModelCardData(license="openrail++", library_name="diffusers", base_model=args.pretrained_model_name_or_path),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=description,
+    )
+    tags = ["text-to-image", "diffusers", "inpo", "diffusion-dpo", "stable-diffusion-xl" if is_sdxl else "stable-diffusion"]
+    if args.train_mode == "lora":
+        tags.append("lora")
+    populate_model_card(card, tags=tags).save(os.path.join(output_dir, "README.md"))
+
+
+def push_output_to_hub(args):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
+                          token=args.hub_token).repo_id  # fmt: skip
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="InPO training results",
+                  ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".partial-*"], token=args.hub_token)  # fmt: skip
