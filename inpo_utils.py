@@ -364,7 +364,7 @@ def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_sampl
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
 
-    problems = dataset.map(
+    problems = [] if len(dataset) == 0 else dataset.map(
         lambda batch: {"problem": [find_problem(*row) for row in zip(batch["caption"], batch["jpg_0"], batch["jpg_1"])]},
         batched=True, remove_columns=dataset.column_names, desc="Checking pairs",
     )["problem"]  # fmt: skip

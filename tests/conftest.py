@@ -57,7 +57,7 @@ def tiny_run_args(model, data, output_dir, steps=4, **overrides):
             continue
         args.append(f"--{name}")
         if value is not True:
-            args.extend(value if isinstance(value, (list, tuple)) else [value])
+            args.extend(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])
     return args
 
 
