@@ -982,3 +982,109 @@ def push_output_to_hub(args):
                           token=args.hub_token).repo_id  # fmt: skip
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="InPO training results",
                   ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".partial-*"], token=args.hub_token)  # fmt: skip
+
+
+class InpoStep:
+    """One micro-batch of B pairs → (loss, metrics). Subclasses say how captions become UNet conditioning."""
+
+    def __init__(self, args, accelerator, unet, reference, vae, inverse_scheduler, generator):
+        self.args = args
+        self.accelerator = accelerator
+        self.unet = unet
+        self.reference = reference
+        self.vae = vae
+        self.inverse_scheduler = inverse_scheduler
+        self.generator = generator
+
+    def encode_conditioning(self, batch):
+        """→ (encoder_hidden_states (2B, L, D), added_cond_kwargs dict of (2B, ...) tensors or None)."""
+        raise NotImplementedError
+
+    def drop_captions(self, captions):
+        """Replace a --proportion_empty_prompts share of captions by '' (unconditional training signal)."""
+        drop = torch.rand(len(captions), generator=self.generator, device=self.generator.device)
+        return ["" if dropped else caption for caption, dropped in zip(captions, drop < self.args.proportion_empty_prompts)]
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values):
+        """(2B, 3, R, R) in [−1, 1] → (2B, 4, R/8, R/8) scaled latents, in chunks to bound VAE memory."""
+        chunks = pixel_values.to(self.vae.device, self.vae.dtype).split(self.args.vae_encode_batch_size)
+        latents = [self.vae.encode(chunk).latent_dist.sample(generator=self.generator) for chunk in chunks]
+        return torch.cat(latents).float() * self.vae.config.scaling_factor
+
+    def __call__(self, batch):
+        x0 = self.encode_images(batch["pixel_values"])
+        encoder_hidden_states, added_cond_kwargs = self.encode_conditioning(batch)
+        policy = self.accelerator.unwrap_model(self.unet)
+        inversion_unet = policy if self.args.inversion_model == "policy" else self.reference
+        with self.accelerator.autocast():
+            return inpo_step_loss(
+                self.unet, self.reference, inversion_unet, x0, encoder_hidden_states, self.inverse_scheduler,
+                self.args.beta_dpo, latent_source=self.args.latent_source, eta=self.args.inversion_eta,
+                endpoint=self.args.inversion_endpoint, added_cond_kwargs=added_cond_kwargs, generator=self.generator,
+            )  # fmt: skip
+
+
+def run_training(args, accelerator, scheduler_config, dataset, unet, make_step, make_pipeline, pipeline_cls,
+                 is_sdxl=False):  # fmt: skip
+    """Everything after the models are loaded, for either script: LoRA/reference set-up, data loader, optimizer,
+    the loop, and the final save (diffusers-format LoRA or a full pipeline), validation and model card.
+
+    make_step(unet, reference, inverse_scheduler, generator) -> InpoStep
+    make_pipeline(**components) -> a pipeline of `pipeline_cls` on the base model with `components` swapped in.
+    """
+    from diffusers.utils.torch_utils import is_compiled_module
+
+    seed = 0 if args.seed is None else args.seed
+    unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator)
+    inverse_scheduler = make_inverse_scheduler(scheduler_config, args.inversion_steps)
+    register_checkpoint_hooks(accelerator, args, pipeline_cls)
+    randomness = StepRandomness(seed + accelerator.process_index, accelerator.device)
+    accelerator.register_for_checkpointing(randomness)
+
+    pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
+    dataloader = torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=True,
+                                             collate_fn=collate_pairs, num_workers=args.dataloader_num_workers)  # fmt: skip
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = make_optimizer(trainable, args)
+    resolve_max_train_steps(args, len(dataloader) / accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
+        accelerator.init_trackers(args.tracker_name, config)
+
+    def unwrapped_policy():
+        policy = accelerator.unwrap_model(unet)
+        return policy._orig_mod if is_compiled_module(policy) else policy
+
+    def validate(global_step):
+        if accelerator.is_main_process:
+            log_validation_images(accelerator, make_pipeline(unet=unwrapped_policy()), args.validation_prompts,
+                                  args.seed, args.resolution, global_step)  # fmt: skip
+            unet.train()
+
+    step = make_step(unet, reference, inverse_scheduler, randomness.generator)
+    train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step, validate, trainable)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        policy = unwrapped_policy()
+        if args.train_mode == "lora":
+            pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
+            # Validate what users will load: the saved file on a fresh base pipeline.
+            final_pipeline = make_pipeline() if args.run_validation else None
+            if final_pipeline is not None:
+                final_pipeline.load_lora_weights(args.output_dir)
+        else:
+            final_pipeline = make_pipeline(unet=policy.to(weight_dtype_of(accelerator)))
+            final_pipeline.save_pretrained(args.output_dir)
+        images = None
+        if args.run_validation:
+            images = log_validation_images(accelerator, final_pipeline, args.validation_prompts, args.seed,
+                                           args.resolution, args.max_train_steps, tag="final")  # fmt: skip
+        write_model_card(args, args.output_dir, images, is_sdxl=is_sdxl)
+        if args.push_to_hub:
+            push_output_to_hub(args)
+    accelerator.end_training()
