@@ -1,0 +1,67 @@
+"""train_inpo_sdxl.py on a tiny SDXL pipeline (two text encoders, text_time conditioning)."""
+
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import launch, tiny_run_args
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+import inpo_utils
+import train_inpo_sdxl
+
+
+def generate(pipe):
+    generator = torch.Generator().manual_seed(0)
+    return pipe("a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np").images
+
+
+def test_sdxl_lora_run_loads_in_sdxl_pipeline_and_changes_output(tiny_sdxl, pickapic, tmp_path):
+    out = str(tmp_path / "run")
+    result = launch("train_inpo_sdxl.py", *tiny_run_args(tiny_sdxl, pickapic, out, steps=3, random_crop=True))
+    assert "Steps: 100%" in result.stderr
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert "stable-diffusion-xl" in open(os.path.join(out, "README.md")).read()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    before = generate(pipe)
+    pipe.load_lora_weights(out)
+    assert np.abs(generate(pipe) - before).mean() > 1e-4
+
+
+def test_time_ids_of_a_non_square_off_centre_crop():
+    image = Image.fromarray(np.zeros((300, 200, 3), dtype=np.uint8))  # h=300, w=200
+    _, original_size, crop = inpo_utils.resize_and_crop(image, 64, crop_fraction=(0.25, 0.5))
+    # Resized to 64 wide, 96 high; a quarter of the 32 spare rows above the crop.
+    assert original_size == (300, 200) and crop == (8, 0)
+    time_ids = train_inpo_sdxl.sdxl_time_ids(torch.tensor([original_size]), torch.tensor([crop]), 64)
+    assert time_ids.tolist() == [[300.0, 200.0, 8.0, 0.0, 64.0, 64.0]]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_conditioning_shapes_and_time_ids(tiny_sdxl, fixed):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]  # fmt: skip
+    args = types.SimpleNamespace(resolution=32, fixed_time_ids=fixed, proportion_empty_prompts=0.0)
+    step = train_inpo_sdxl.SDXLInpoStep(tokenizers, encoders, args=args, accelerator=None, unet=None, reference=None,
+                                        vae=None, inverse_scheduler=None, generator=torch.Generator())  # fmt: skip
+    batch = {"captions": ["a cat", "a dog"], "original_sizes": torch.tensor([[40, 48], [50, 60], [40, 48], [70, 80]]),
+             "crop_top_lefts": torch.tensor([[0, 4], [0, 7], [0, 4], [1, 2]])}  # fmt: skip
+    hidden, added = step.encode_conditioning(batch)
+    assert hidden.shape == (4, 16, 64)  # 2 pairs x 2 images, both encoders' 32-d states concatenated
+    torch.testing.assert_close(hidden[:2], hidden[2:])  # a pair shares its caption
+    assert added["text_embeds"].shape == (4, 32)
+    expected = [[32, 32, 0, 0, 32, 32]] * 4 if fixed else [[40, 48, 0, 4, 32, 32], [50, 60, 0, 7, 32, 32],
+                                                            [40, 48, 0, 4, 32, 32], [70, 80, 1, 2, 32, 32]]  # fmt: skip
+    assert added["time_ids"].tolist() == expected
+
+
+def test_sd_checkpoint_given_to_sdxl_script_fails_clearly(tiny_sd, pickapic, tmp_path):
+    result = launch("train_inpo_sdxl.py", *tiny_run_args(tiny_sd, pickapic, str(tmp_path / "o")), check=False)
+    assert result.returncode != 0
+    assert "is not an SDXL checkpoint" in result.stderr and "use train_inpo.py" in result.stderr
