@@ -43,20 +43,20 @@ CLIP_DIM = 16
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
+    """The in-process runs too: threads only add contention for these tiny models on a small CPU."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_sd, tmp_path_factory):
-    """A LoRA on the tiny UNet with random (non-zero) up-projections, so it visibly changes the images."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def save_random_lora(model_dir, pipeline_cls, path):
+    """A LoRA on the model's UNet with random (non-zero) up-projections, so it visibly changes the images."""
+    from diffusers import UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
     generator = torch.Generator().manual_seed(0)
@@ -64,11 +64,16 @@ def tiny_lora(tiny_sd, tmp_path_factory):
         for name, param in unet.named_parameters():
             if "lora_B" in name:  # zero-initialised by peft, which would make the LoRA a no-op
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    path = str(tmp_path_factory.mktemp("tiny-lora"))
-    StableDiffusionPipeline.save_lora_weights(
-        path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    )
+    lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline_cls.save_lora_weights(path, unet_lora_layers=lora_layers)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_sd, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    return save_random_lora(tiny_sd, StableDiffusionPipeline, str(tmp_path_factory.mktemp("tiny-lora")))
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +354,22 @@ def test_end_to_end_lora_with_all_local_scorers(tiny_sd, tiny_lora, tiny_clip, t
         assert sorted(os.listdir(output_dir / "images" / kind)) == ["00000.png", "00001.png", "00002.png"]
     base_image, tuned_image = (_pixels(output_dir / "images" / kind / "00000.png") for kind in ("base", "tuned"))
     assert np.abs(base_image - tuned_image).mean() > 1
+
+
+def test_sdxl_lora_end_to_end(tiny_sdxl, tiny_clip, tiny_aesthetic_head, prompt_file, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    lora = save_random_lora(tiny_sdxl, StableDiffusionXLPipeline, str(tmp_path / "sdxl-lora"))
+    output_dir = tmp_path / "eval"
+    scorer_args = ["--aesthetic_head", tiny_aesthetic_head, "--aesthetic_clip_model", tiny_clip]
+    evaluate_inpo.main(base_args(tiny_sdxl, lora, prompt_file, output_dir) + scorer_args + ["--max_prompts", "2"])
+    with open(output_dir / "scores.json") as f:
+        report = json.load(f)
+    assert report["config"]["pipeline_class"] == "StableDiffusionXLPipeline"
+    assert report["config"]["tuned_type"] == "lora"
+    summary = report["summary"]["aesthetic"]
+    assert summary["num_prompts"] == 2
+    assert summary["base"]["mean"] != summary["tuned"]["mean"]
 
 
 @pytest.mark.parametrize("tuned_kind", ["pipeline", "unet"])
