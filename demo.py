@@ -229,7 +229,7 @@ def main():
     lora_dir = os.path.join(args.output_dir, "inpo-lora")
     here = os.path.dirname(os.path.abspath(__file__))
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
         os.path.join(here, "train_inpo.py"),
         "--pretrained_model_name_or_path", model_dir,
         "--dataset_name", data_dir,
