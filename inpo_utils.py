@@ -5,10 +5,15 @@ A batch of B preference pairs is laid out as 2B rows, winners first: rows [0, B)
 rows [B, 2B) the rejected ones, and row i and row B + i share their caption and their timestep.
 """
 
+import dataclasses
+import functools
 import io
-import os
+import json
 import logging
 import math
+import os
+import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,7 +95,7 @@ def inversion_noise_std(alphas_cumprod, landed_timesteps, step_size):
 
 
 def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, eta=0.0, endpoint="grid",
-                generator=None, added_cond_kwargs=None):  # fmt: skip
+                generator=None, added_cond_kwargs=None, return_trajectory=False):  # fmt: skip
     """Run DDIM inversion of clean latents `x0` up to (about) timestep `timesteps[i]`, per sample, without grad.
 
     For each grid point τ of `inverse_scheduler` with τ < t, the latents move from level τ−Δ (or the scheduler's
@@ -108,8 +113,10 @@ def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, e
         encoder_hidden_states: (N, L, D) text conditioning.
         inverse_scheduler: from `make_inverse_scheduler`.
         added_cond_kwargs: optional dict of (N, ...) tensors (SDXL's `text_embeds`, `time_ids`).
+        return_trajectory: also return the latents after every grid step (the inversion cache stores them).
     Returns:
-        (N, C, H, W) float32 inverted latents.
+        (N, C, H, W) float32 inverted latents; with return_trajectory, also (K, N, C, H, W): entry k is the latent
+        after the step onto grid point k (rows whose t is not above it keep their previous latent).
     """
     if endpoint not in INVERSION_ENDPOINTS:
         raise ValueError(f"endpoint must be one of {INVERSION_ENDPOINTS}, got {endpoint!r}")
@@ -136,6 +143,7 @@ def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, e
 
     latents = x0.float().clone()
     landed = torch.full_like(timesteps, -1)  # -1: still at x0
+    trajectory = []
     with torch.no_grad():
         for grid_point in inverse_scheduler.timesteps.tolist():
             rows = (timesteps > grid_point).nonzero().flatten()
@@ -149,6 +157,8 @@ def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, e
                                       config.prediction_type, clip_range)  # fmt: skip
             latents[rows] = add_noise(moved, step_timesteps)
             landed[rows] = grid_point
+            if return_trajectory:
+                trajectory.append(latents.clone())
 
         if endpoint == "exact":
             alpha_from = torch.where(landed >= 0, alphas_cumprod[landed.clamp(min=0)], initial_alpha)
@@ -157,6 +167,8 @@ def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, e
             moved = ddim_inverse_step(latents, model_output, alpha_from, alphas_cumprod[timesteps],
                                       config.prediction_type, clip_range)  # fmt: skip
             latents = add_noise(moved, timesteps)
+    if return_trajectory:
+        return latents, torch.stack(trajectory) if trajectory else latents.new_zeros((0, *latents.shape))
     return latents
 
 
@@ -272,19 +284,42 @@ def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_
     raise ValueError(f"latent_source must be 'inversion' or 'forward', got {latent_source!r}")
 
 
+def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+    """e_ref per row: the frozen reference's error at (latents, t, c), without grad. Shapes as `score_pairs`."""
+    model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    with torch.no_grad():
+        prediction = reference_unet(latents.to(reference_unet.dtype), timesteps, encoder_hidden_states,
+                                    **model_kwargs).sample  # fmt: skip
+    return per_sample_mse(prediction, target)
+
+
+def score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
+                added_cond_kwargs=None):  # fmt: skip
+    """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref.
+
+    Args: latents, target (2B, C, H, W) winners first; timesteps (2B,); encoder_hidden_states (2B, L, D);
+    reference_errors (2B,). Returns (loss, metrics) as `inpo_loss`, metrics also holding the mean timestep.
+    """
+    model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    policy_errors = per_sample_mse(policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample,
+                                   target)  # fmt: skip
+    loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.to(policy_errors).chunk(2), beta)
+    metrics["timestep"] = timesteps.float().mean()
+    return loss, metrics
+
+
 def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidden_states, inverse_scheduler, beta,
-                   latent_source="inversion", eta=0.0, endpoint="grid", added_cond_kwargs=None,
-                   timesteps=None, reference_errors=None, generator=None):  # fmt: skip
-    """InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
+                   latent_source="inversion", eta=0.0, endpoint="grid", added_cond_kwargs=None, timesteps=None,
+                   generator=None):  # fmt: skip
+    """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
     Args:
         policy_unet: the trained UNet (called with grad).
-        reference_unet: the frozen reference (called without grad); unused when `reference_errors` is given.
+        reference_unet: the frozen reference (called without grad).
         inversion_unet: the UNet that inverts (the policy for the authors' online InPO, or the reference).
         x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
         timesteps: optional (B,) per-pair timesteps; sampled uniformly from {0, ..., T−1} when None.
-        reference_errors: optional (2B,) precomputed e_ref (the cache); skips the reference forward.
-    Returns: (loss, metrics) as `inpo_loss`, metrics also carrying the mean timestep.
+    Returns: (loss, metrics) as `score_pairs`.
     """
     num_pairs = len(x0) // 2
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
@@ -295,17 +330,10 @@ def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidd
     latents, noise = source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states,
                                     inverse_scheduler, alphas_cumprod, eta, endpoint, added_cond_kwargs, generator)  # fmt: skip
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
-    model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-    policy_pred = policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample
-    policy_errors = per_sample_mse(policy_pred, target)
-    if reference_errors is None:
-        with torch.no_grad():
-            reference_pred = reference_unet(latents.to(reference_unet.dtype), timesteps, encoder_hidden_states,
-                                            **model_kwargs).sample  # fmt: skip
-            reference_errors = per_sample_mse(reference_pred, target)
-    loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.to(policy_errors).chunk(2), beta)
-    metrics["timestep"] = timesteps.float().mean()
-    return loss, metrics
+    reference_errors = reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states,
+                                           added_cond_kwargs)  # fmt: skip
+    return score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
+                       added_cond_kwargs)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -507,8 +535,9 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
                             "DDIM inversion).")  # fmt: skip
     group.add_argument("--inversion_endpoint", choices=INVERSION_ENDPOINTS, default="grid",
                        help="grid: stop at the last grid point below t (the paper); exact: finish on t.")  # fmt: skip
-    group.add_argument("--inversion_model", choices=("policy", "reference"), default="policy",
-                       help="Which UNet inverts: the one being trained (the paper, online) or the frozen reference.")
+    group.add_argument("--inversion_model", choices=("policy", "reference"), default=None,
+                       help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
+                            "frozen reference (the default and only choice with --inversion_cache_dir).")  # fmt: skip
     group.add_argument("--latent_source", choices=("inversion", "forward"), default="inversion",
                        help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).")
     group.add_argument("--train_mode", choices=("lora", "full"), default="lora",
@@ -518,6 +547,19 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
     group.add_argument("--lora_target_modules", default="to_k,to_q,to_v,to_out.0",
                        help="Comma-separated UNet module names that get LoRA adapters.")  # fmt: skip
+
+    group = parser.add_argument_group("invert once: the inversion cache")
+    group.add_argument("--inversion_cache_dir", default=None,
+                       help="Train from this precomputed cache (no VAE, text encoders, reference or inversion per "
+                            "step); with --precompute_inversion_cache, write it.")  # fmt: skip
+    group.add_argument("--precompute_inversion_cache", action="store_true",
+                       help="Invert the dataset once with the frozen reference and write --inversion_cache_dir, "
+                            "then exit. Resumes an interrupted precompute.")  # fmt: skip
+    group.add_argument("--cache_timesteps", choices=("grid", "per_pair"), default="grid",
+                       help="grid: store the whole inversion trajectory, train on t drawn from the K grid points; "
+                            "per_pair: store one uniformly drawn t per pair (K+1x smaller, fixed t).")  # fmt: skip
+    group.add_argument("--cache_dtype", choices=tuple(CACHE_DTYPES), default="fp16")
+    group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--output_dir", default=default_output_dir)
@@ -595,8 +637,20 @@ def validate_training_args(args):
         if not is_xformers_available():
             problems.append("--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
                             "(CUDA only), or drop the flag to use torch SDPA.")  # fmt: skip
+    if args.precompute_inversion_cache and args.inversion_cache_dir is None:
+        problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
+    if args.inversion_cache_dir is not None:
+        if args.latent_source != "inversion":
+            problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
+        if args.inversion_model == "policy":
+            problems.append("The inversion cache is made by the frozen reference; drop --inversion_model policy "
+                            "(or train online without --inversion_cache_dir).")  # fmt: skip
+    if args.cache_shard_size < 1:
+        problems.append("--cache_shard_size must be at least 1.")
     if problems:
         raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
+    if args.inversion_model is None:
+        args.inversion_model = "reference" if args.inversion_cache_dir is not None else "policy"
 
 
 def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_sdxl):
@@ -678,11 +732,12 @@ class StepRandomness:
         self.generator.set_state(state["state"])
 
 
-def setup_policy_and_reference(unet, args, accelerator):
+def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
     """Make `unet` the trainable policy and return (unet, reference, trainable_params).
 
     LoRA: base weights frozen in the mixed-precision dtype, adapters in fp32; the reference is the same UNet with
-    the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype.
+    the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype
+    (not made when `with_reference` is False: training from the cache needs none).
     """
     import copy
 
@@ -704,7 +759,9 @@ def setup_policy_and_reference(unet, args, accelerator):
         cast_training_params(unet, dtype=torch.float32)
         reference = AdaptersDisabled(unet)
     else:
-        reference = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+        reference = None
+        if with_reference:
+            reference = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
         unet.requires_grad_(True)
         unet.to(accelerator.device, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -867,6 +924,7 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     accumulated = {}
+    step_started = time.perf_counter()
     for epoch in range(first_epoch, num_epochs):
         unet.train()
         pairs.set_epoch(epoch)
@@ -892,6 +950,9 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
             global_step += 1
             progress.update(1)
             accumulated["lr"] = lr_scheduler.get_last_lr()[0]
+            # Seconds per optimizer step, excluding checkpointing and validation (logged for benchmarks/).
+            accumulated["step_time"] = time.perf_counter() - step_started
+            step_started = time.perf_counter()
             progress.set_postfix(loss=f"{accumulated['loss']:.4f}", acc=f"{accumulated['implicit_acc']:.2f}")
             accelerator.log(accumulated, step=global_step)
             accumulated = {}
@@ -899,6 +960,7 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
                 logger.info(f"Saved {save_checkpoint(accelerator, args, global_step)}")
             if args.run_validation and global_step % args.validation_steps == 0:
                 on_validation(global_step)
+            step_started = time.perf_counter()
             if global_step >= args.max_train_steps:
                 break
     return global_step
@@ -1025,26 +1087,25 @@ class InpoStep:
             )  # fmt: skip
 
 
-def run_training(args, accelerator, scheduler_config, dataset, unet, make_step, make_pipeline, pipeline_cls,
-                 is_sdxl=False):  # fmt: skip
-    """Everything after the models are loaded, for either script: LoRA/reference set-up, data loader, optimizer,
-    the loop, and the final save (diffusers-format LoRA or a full pipeline), validation and model card.
+def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn, unet, make_step, make_pipeline):
+    """Everything after the models are loaded: LoRA/reference set-up, data loader, optimizer, the loop, and the
+    final save (diffusers-format LoRA or a full pipeline), validation and model card.
 
-    make_step(unet, reference, inverse_scheduler, generator) -> InpoStep
-    make_pipeline(**components) -> a pipeline of `pipeline_cls` on the base model with `components` swapped in.
+    pairs: a dataset with `set_epoch` (PreferencePairs or CachedPairs) batched by `collate_fn`.
+    make_step(unet, reference, inverse_scheduler, generator) -> a callable batch -> (loss, metrics).
+    make_pipeline(**components) -> the family's pipeline on the base model with `components` swapped in.
     """
     from diffusers.utils.torch_utils import is_compiled_module
 
     seed = 0 if args.seed is None else args.seed
-    unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator)
+    with_reference = args.inversion_cache_dir is None  # the cache already holds the reference's errors
+    unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator, with_reference)
     inverse_scheduler = make_inverse_scheduler(scheduler_config, args.inversion_steps)
-    register_checkpoint_hooks(accelerator, args, pipeline_cls)
+    register_checkpoint_hooks(accelerator, args, family.pipeline_cls)
     randomness = StepRandomness(seed + accelerator.process_index, accelerator.device)
     accelerator.register_for_checkpointing(randomness)
-
-    pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
     dataloader = torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=True,
-                                             collate_fn=collate_pairs, num_workers=args.dataloader_num_workers)  # fmt: skip
+                                             collate_fn=collate_fn, num_workers=args.dataloader_num_workers)  # fmt: skip
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = make_optimizer(trainable, args)
@@ -1072,7 +1133,7 @@ def run_training(args, accelerator, scheduler_config, dataset, unet, make_step, 
     if accelerator.is_main_process:
         policy = unwrapped_policy()
         if args.train_mode == "lora":
-            pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
+            family.pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
             # Validate what users will load: the saved file on a fresh base pipeline.
             final_pipeline = make_pipeline() if args.run_validation else None
             if final_pipeline is not None:
@@ -1084,7 +1145,387 @@ def run_training(args, accelerator, scheduler_config, dataset, unet, make_step, 
         if args.run_validation:
             images = log_validation_images(accelerator, final_pipeline, args.validation_prompts, args.seed,
                                            args.resolution, args.max_train_steps, tag="final")  # fmt: skip
-        write_model_card(args, args.output_dir, images, is_sdxl=is_sdxl)
+        write_model_card(args, args.output_dir, images, is_sdxl=family.is_sdxl)
         if args.push_to_hub:
             push_output_to_hub(args)
     accelerator.end_training()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Invert once: a precomputed inversion + reference cache (README "Invert once")
+# --------------------------------------------------------------------------------------------------------------
+
+CACHE_FORMAT_VERSION = 1
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CACHE_FINGERPRINT_FILE = "fingerprint.json"
+CACHE_MANIFEST_FILE = "manifest.json"
+
+
+def cache_fingerprint(args, scheduler_config, is_sdxl):
+    """Everything a cache's contents depend on. Training refuses a cache whose fingerprint differs."""
+    fingerprint = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+        "scheduler": {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")},
+        "dataset": args.dataset_name, "split": args.dataset_split_name, "max_train_samples": args.max_train_samples,
+        "seed": args.seed, "resolution": args.resolution, "random_crop": args.random_crop, "hflip": not args.no_hflip,
+        "proportion_empty_prompts": args.proportion_empty_prompts,
+        "inversion_steps": args.inversion_steps, "inversion_eta": args.inversion_eta,
+        "inversion_endpoint": args.inversion_endpoint, "cache_timesteps": args.cache_timesteps,
+        "cache_dtype": args.cache_dtype,
+    }  # fmt: skip
+    if is_sdxl:
+        fingerprint.update(vae=args.pretrained_vae_model_name_or_path, fixed_time_ids=args.fixed_time_ids)
+    return json.loads(json.dumps(fingerprint))  # normalise tuples/floats as they will read back
+
+
+def fingerprint_differences(stored, current):
+    """Human-readable list of the settings that differ between two fingerprints."""
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: cache has {stored.get(k)!r}, this run has {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+def read_cache_manifest(cache_dir, fingerprint):
+    """The manifest of a complete cache made with `fingerprint`; a clear error for a missing, partial or stale one."""
+    manifest_path = os.path.join(cache_dir, CACHE_MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        state = "is incomplete (no manifest.json: the precompute did not finish)" if os.path.isdir(cache_dir) else "does not exist"
+        raise ValueError(f"Inversion cache {cache_dir!r} {state}. Run the same command with "
+                         "--precompute_inversion_cache first; it resumes where it stopped.")  # fmt: skip
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    differences = fingerprint_differences(manifest["fingerprint"], fingerprint)
+    if differences:
+        raise ValueError(f"Inversion cache {cache_dir!r} was made with other settings; precompute a new cache or "
+                         "train with the cache's settings:\n  " + "\n  ".join(differences))  # fmt: skip
+    return manifest
+
+
+def shard_file(cache_dir, index):
+    return os.path.join(cache_dir, f"shard-{index:05d}.safetensors")
+
+
+def grid_inversion_inputs(x0, trajectory, endpoint):
+    """The inverted latent the loss sees for each grid timestep, given the trajectory of a full inversion.
+
+    t = grid point k: `exact` lands on it (trajectory[k]); `grid` stops at the point below (trajectory[k−1], or x0
+    for k = 0). Args: x0 (N, C, H, W), trajectory (K, N, C, H, W). Returns (K, N, C, H, W).
+    """
+    if endpoint == "exact":
+        return trajectory
+    return torch.cat([x0[None].float(), trajectory[:-1]])
+
+
+def precompute_inversion_cache(args, accelerator, dataset, step, fingerprint, log=print):
+    """Write the cache shard by shard: x0, text conditioning, inverted latents and reference errors.
+
+    `step` is the script's InpoStep built on the frozen reference (its encoders give x0 and the conditioning).
+    Shard i holds pairs [i·S, (i+1)·S) and is written by process i mod N, to a temporary file then renamed, so an
+    interrupted precompute resumes with the shards that are missing. The manifest is written last.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    cache_dir = args.inversion_cache_dir
+    if accelerator.is_main_process:
+        os.makedirs(cache_dir, exist_ok=True)
+        fingerprint_path = os.path.join(cache_dir, CACHE_FINGERPRINT_FILE)
+        if os.path.isfile(fingerprint_path):
+            with open(fingerprint_path) as f:
+                differences = fingerprint_differences(json.load(f), fingerprint)
+            if differences:
+                raise ValueError(f"{cache_dir!r} holds a cache made with other settings; use another "
+                                 "--inversion_cache_dir or delete it:\n  " + "\n  ".join(differences))  # fmt: skip
+        with open(fingerprint_path, "w") as f:
+            json.dump(fingerprint, f, indent=1)
+    accelerator.wait_for_everyone()
+
+    store_dtype = CACHE_DTYPES[args.cache_dtype]
+    inverse_scheduler = step.inverse_scheduler
+    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(accelerator.device)
+    grid = inverse_scheduler.timesteps.to(accelerator.device)
+    seed = 0 if args.seed is None else args.seed
+    pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
+    num_shards = math.ceil(len(pairs) / args.cache_shard_size)
+    my_shards = list(range(accelerator.process_index, num_shards, accelerator.num_processes))
+    todo = [i for i in my_shards if not os.path.isfile(shard_file(cache_dir, i))]
+    log(f"Inversion cache {cache_dir}: {num_shards} shards, {len(my_shards) - len(todo)} of this process's "
+        f"{len(my_shards)} already written.")  # fmt: skip
+    progress = tqdm(total=sum(min(args.cache_shard_size, len(pairs) - i * args.cache_shard_size) for i in todo),
+                    desc="Inverting pairs", unit="pair", disable=not accelerator.is_local_main_process)  # fmt: skip
+    written_bytes = 0
+    started = time.perf_counter()
+    for shard in todo:
+        # A generator per shard: its contents do not depend on which process or run writes it.
+        step.generator = torch.Generator(device=accelerator.device).manual_seed(seed * 100003 + shard)
+        indices = range(shard * args.cache_shard_size, min((shard + 1) * args.cache_shard_size, len(pairs)))
+        columns = {}
+        for start in range(0, len(indices), args.train_batch_size):
+            examples = [(i, pairs[i]) for i in indices[start : start + args.train_batch_size]]
+            kept = [(i, example) for i, example in examples if example is not None]
+            progress.update(len(examples))
+            if not kept:
+                continue
+            rows = _cache_rows(args, step, collate_pairs([example for _, example in kept]), grid, alphas_cumprod,
+                               accelerator)  # fmt: skip
+            rows["pair_index"] = torch.tensor([i for i, _ in kept])
+            for name, value in rows.items():
+                columns.setdefault(name, []).append(value.cpu())
+        tensors = {name: torch.cat(values).contiguous() for name, values in columns.items()}
+        tensors = {name: value.to(store_dtype) if value.is_floating_point() and name != "reference_errors" else value
+                   for name, value in tensors.items()}  # fmt: skip
+        partial = shard_file(cache_dir, shard) + ".partial"
+        save_file(tensors, partial)
+        os.replace(partial, shard_file(cache_dir, shard))
+        written_bytes += os.path.getsize(shard_file(cache_dir, shard))
+        elapsed = progress.format_dict["elapsed"] or 1e-9
+        progress.set_postfix(pairs_per_s=f"{progress.n / elapsed:.2f}", written=f"{written_bytes / 2**20:.1f}MiB")
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_cache_manifest(cache_dir, fingerprint, num_shards, grid.tolist(), time.perf_counter() - started, log)
+    accelerator.wait_for_everyone()
+
+
+def _cache_rows(args, step, batch, grid, alphas_cumprod, accelerator):
+    """Cache entries for one batch of B pairs, in per-pair layout (B, 2, ...) with the winner at index 0."""
+    def as_stored(tensor):  # e_ref must be computed on exactly what training will read back
+        return tensor.to(CACHE_DTYPES[args.cache_dtype]).float()
+
+    x0 = as_stored(step.encode_images(batch["pixel_values"]))
+    encoder_hidden_states, added_cond_kwargs = step.encode_conditioning(batch)
+    encoder_hidden_states = as_stored(encoder_hidden_states).to(encoder_hidden_states.dtype)
+    added_cond_kwargs = {k: as_stored(v).to(v.dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    num_pairs = len(x0) // 2
+    prediction_type = step.inverse_scheduler.config.prediction_type
+
+    def errors_at(latents, timesteps):
+        noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
+        target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
+        return reference_errors_at(step.reference, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs)
+
+    def per_pair(tensor):  # (2B, ...) winners first → (B, 2, ...)
+        return torch.stack(tensor.chunk(2), dim=1)
+
+    with accelerator.autocast():
+        if args.cache_timesteps == "grid":
+            beyond_grid = torch.full((len(x0),), step.inverse_scheduler.config.num_train_timesteps, device=x0.device)
+            _, trajectory = ddim_invert(step.reference, x0, beyond_grid, encoder_hidden_states, step.inverse_scheduler,
+                                        eta=args.inversion_eta, generator=step.generator,
+                                        added_cond_kwargs=added_cond_kwargs, return_trajectory=True)  # fmt: skip
+            trajectory = as_stored(trajectory)
+            inputs = grid_inversion_inputs(x0, trajectory, args.inversion_endpoint)
+            errors = torch.stack([errors_at(inputs[k], grid[k].repeat(len(x0))) for k in range(len(grid))], dim=-1)
+            rows = {"latents": per_pair(trajectory.transpose(0, 1)), "reference_errors": per_pair(errors)}
+        else:
+            timesteps = torch.randint(0, step.inverse_scheduler.config.num_train_timesteps, (num_pairs,),
+                                      generator=step.generator, device=x0.device).repeat(2)  # fmt: skip
+            latents = ddim_invert(step.reference, x0, timesteps, encoder_hidden_states, step.inverse_scheduler,
+                                  eta=args.inversion_eta, endpoint=args.inversion_endpoint, generator=step.generator,
+                                  added_cond_kwargs=added_cond_kwargs)  # fmt: skip
+            latents = as_stored(latents)
+            rows = {"latents": per_pair(latents), "reference_errors": per_pair(errors_at(latents, timesteps)),
+                    "timesteps": timesteps[:num_pairs]}  # fmt: skip
+    rows["x0"] = per_pair(x0)
+    rows["encoder_hidden_states"] = encoder_hidden_states[:num_pairs]
+    for name, value in (added_cond_kwargs or {}).items():
+        rows[f"added_cond.{name}"] = per_pair(value)
+    return rows
+
+
+def _write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log):
+    from safetensors import safe_open
+
+    missing = [i for i in range(num_shards) if not os.path.isfile(shard_file(cache_dir, i))]
+    if missing:
+        raise RuntimeError(f"Cache shards {missing[:5]} are missing after the precompute; run it again to finish.")
+    num_pairs, total_bytes = 0, 0
+    for i in range(num_shards):
+        with safe_open(shard_file(cache_dir, i), framework="pt") as f:
+            num_pairs += f.get_slice("x0").get_shape()[0]
+        total_bytes += os.path.getsize(shard_file(cache_dir, i))
+    manifest = {"fingerprint": fingerprint, "num_pairs": num_pairs, "num_shards": num_shards, "grid_timesteps": grid,
+                "bytes": total_bytes, "bytes_per_pair": total_bytes / max(num_pairs, 1),
+                "seconds_last_run": seconds}  # fmt: skip
+    with open(os.path.join(cache_dir, CACHE_MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f, indent=1)
+    log(f"Inversion cache complete: {num_pairs} pairs in {num_shards} shards, {total_bytes / 2**20:.1f} MiB "
+        f"({manifest['bytes_per_pair'] / 1024:.1f} KiB per pair).")  # fmt: skip
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Pairs read back from a cache. With grid timesteps each read draws one grid point k from a generator seeded
+    by (seed, epoch, index), so resumed runs see the same timesteps as uninterrupted ones."""
+
+    def __init__(self, cache_dir, manifest, endpoint, seed=0):
+        from safetensors import safe_open
+
+        self.cache_dir = cache_dir
+        self.endpoint = endpoint
+        self.grid = torch.tensor(manifest["grid_timesteps"])
+        self.seed = seed or 0
+        self.epoch = 0
+        self.shards = [shard_file(cache_dir, i) for i in range(manifest["num_shards"])]
+        self.index = []
+        for shard, path in enumerate(self.shards):
+            with safe_open(path, framework="pt") as f:
+                self.index += [(shard, row) for row in range(f.get_slice("x0").get_shape()[0])]
+                self.keys = list(f.keys())
+        self.per_pair_timesteps = "timesteps" in self.keys
+        self.handles = {}
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.index)
+
+    def _read(self, shard, name, row):
+        from safetensors import safe_open
+
+        if shard not in self.handles:  # opened lazily so each DataLoader worker gets its own handles
+            self.handles[shard] = safe_open(self.shards[shard], framework="pt")
+        return self.handles[shard].get_slice(name)[row]
+
+    def __getitem__(self, index):
+        shard, row = self.index[index]
+        x0 = self._read(shard, "x0", row)
+        if self.per_pair_timesteps:
+            timestep = self._read(shard, "timesteps", row)
+            latents = self._read(shard, "latents", row)
+            reference_errors = self._read(shard, "reference_errors", row)
+        else:
+            k = int(np.random.default_rng((self.seed, self.epoch, index)).integers(len(self.grid)))
+            timestep = self.grid[k]
+            trajectory = self._read(shard, "latents", row)  # (2, K, C, H, W)
+            latents = grid_inversion_inputs(x0, trajectory.transpose(0, 1), self.endpoint)[k]
+            reference_errors = self._read(shard, "reference_errors", row)[:, k]
+        example = {"x0": x0, "latents": latents, "timestep": timestep, "reference_errors": reference_errors,
+                   "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row)}  # fmt: skip
+        for key in self.keys:
+            if key.startswith("added_cond."):
+                example[key] = self._read(shard, key, row)
+        return example
+
+
+def collate_cached(examples):
+    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`)."""
+
+    def winners_then_losers(key):
+        stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
+        return torch.cat([stacked[:, 0], stacked[:, 1]])
+
+    hidden = torch.stack([example["encoder_hidden_states"] for example in examples])
+    return {
+        "x0": winners_then_losers("x0"),
+        "latents": winners_then_losers("latents"),
+        "reference_errors": winners_then_losers("reference_errors"),
+        "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples]),
+        "encoder_hidden_states": torch.cat([hidden, hidden]),
+        "added_cond_kwargs": {key[len("added_cond."):]: winners_then_losers(key) for key in examples[0]
+                              if key.startswith("added_cond.")} or None,
+    }  # fmt: skip
+
+
+class CachedInpoStep:
+    """A training step from the cache: one policy forward + backward on 2B latents, nothing else."""
+
+    def __init__(self, args, accelerator, unet, alphas_cumprod, prediction_type):
+        self.args = args
+        self.accelerator = accelerator
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod.to(accelerator.device)
+        self.prediction_type = prediction_type
+
+    def __call__(self, batch):
+        device = self.accelerator.device
+        x0 = batch["x0"].to(device, torch.float32)
+        latents = batch["latents"].to(device, torch.float32)
+        timesteps = batch["timesteps"].to(device).long().repeat(2)
+        noise = implied_noise(latents, x0, timesteps, self.alphas_cumprod)
+        target = regression_target(noise, x0, timesteps, self.alphas_cumprod, self.prediction_type)
+        weight_dtype = weight_dtype_of(self.accelerator)
+        added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
+        with self.accelerator.autocast():
+            return score_pairs(self.unet, latents, target, timesteps, batch["encoder_hidden_states"].to(device, weight_dtype),
+                               batch["reference_errors"].to(device), self.args.beta_dpo, added)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run, for either model family
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelFamily:
+    """What differs between SD 1.x/2.x and SDXL; `run` does the rest.
+
+    load_frozen_models(args, accelerator) -> dict of frozen pipeline components (tokenizers, text encoders, vae),
+        keyed by their pipeline names.
+    make_step(frozen, **InpoStep kwargs) -> the family's InpoStep.
+    make_pipeline(args, accelerator, **components) -> the base pipeline with `components` swapped in.
+    """
+
+    is_sdxl: bool
+    pipeline_cls: type
+    load_frozen_models: Callable
+    make_step: Callable
+    make_pipeline: Callable
+
+
+def load_unet(args):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                                                use_safetensors=True)  # fmt: skip
+
+
+def run(args, family):
+    """Stages: checks → data (pairs or the cache) → models → precompute the cache, or train and save."""
+    from accelerate.logging import get_logger
+
+    logger = get_logger(__name__)
+    accelerator = make_accelerator(args)
+    logger.info(accelerator.state, main_process_only=False)
+
+    # Cheap checks first (model family and prediction type from configs, then the data), weights last.
+    scheduler_config = check_model_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
+                                          want_sdxl=family.is_sdxl)  # fmt: skip
+    from_cache = args.inversion_cache_dir is not None and not args.precompute_inversion_cache
+    if from_cache:
+        fingerprint = cache_fingerprint(args, scheduler_config, family.is_sdxl)
+        manifest = read_cache_manifest(args.inversion_cache_dir, fingerprint)
+        pairs, collate_fn = CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, args.seed), collate_cached
+        logger.info(f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
+                    "encoder, reference forward or inversion per step.")  # fmt: skip
+        frozen = {}
+    else:
+        with accelerator.main_process_first():
+            dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir,
+                                              args.max_train_samples, args.seed, log=logger.info)  # fmt: skip
+        frozen = family.load_frozen_models(args, accelerator)
+    unet = load_unet(args)
+
+    if args.precompute_inversion_cache:
+        reference = unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype_of(accelerator)).eval()
+        step = family.make_step(frozen, args=args, accelerator=accelerator, unet=None, reference=reference,
+                                inverse_scheduler=make_inverse_scheduler(scheduler_config, args.inversion_steps),
+                                generator=None)  # fmt: skip
+        precompute_inversion_cache(args, accelerator, dataset, step,
+                                   cache_fingerprint(args, scheduler_config, family.is_sdxl), log=logger.info)  # fmt: skip
+        accelerator.end_training()
+        return
+
+    def make_step(unet, reference, inverse_scheduler, generator):
+        if from_cache:
+            return CachedInpoStep(args, accelerator, unet, inverse_scheduler.alphas_cumprod,
+                                  inverse_scheduler.config.prediction_type)  # fmt: skip
+        return family.make_step(frozen, args=args, accelerator=accelerator, unet=unet, reference=reference,
+                                inverse_scheduler=inverse_scheduler, generator=generator)  # fmt: skip
+
+    if not from_cache:
+        seed = 0 if args.seed is None else args.seed
+        pairs, collate_fn = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed), collate_pairs
+    run_training(args, accelerator, family, scheduler_config, pairs, collate_fn, unet, make_step,
+                 functools.partial(family.make_pipeline, args, accelerator, **frozen))  # fmt: skip

@@ -5,21 +5,18 @@
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --dataset_name yuvalkirstain/pickapic_v2 --output_dir inpo-sd15-lora
 
-Stages: arguments → models → data → the training step (`SDInpoStep`) → loop and save (`inpo_utils.run_training`).
+Stages: arguments → frozen models → the training step (`SDInpoStep`); `inpo_utils.run` loads the data, runs the
+loop (or precomputes the inversion cache) and saves.
 This file holds only what is particular to SD 1.x/2.x: one CLIP text encoder, no added conditions.
 """
 
 import argparse
-import functools
 
 import torch
-from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import inpo_utils
-
-logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
@@ -30,19 +27,18 @@ def parse_args(argv=None):
     return args
 
 
-def load_models(args, accelerator):
-    """Tokenizer, text encoder and VAE (frozen, in the mixed-precision dtype) and the UNet (set up later)."""
+def load_frozen_models(args, accelerator):
+    """Tokenizer, text encoder and VAE, frozen in the mixed-precision dtype, keyed by their pipeline names."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     weights = dict(common, variant=args.variant, use_safetensors=True)
     path = args.pretrained_model_name_or_path
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
     weight_dtype = inpo_utils.weight_dtype_of(accelerator)
     for frozen in (text_encoder, vae):
         frozen.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
-    return tokenizer, text_encoder, vae, unet
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
 
 
 class SDInpoStep(inpo_utils.InpoStep):
@@ -72,26 +68,17 @@ def make_pipeline(args, accelerator, **components):
     return pipeline.to(accelerator.device)
 
 
+SD = inpo_utils.ModelFamily(
+    is_sdxl=False,
+    pipeline_cls=StableDiffusionPipeline,
+    load_frozen_models=load_frozen_models,
+    make_step=lambda frozen, **kwargs: SDInpoStep(frozen["tokenizer"], frozen["text_encoder"], vae=frozen["vae"], **kwargs),
+    make_pipeline=make_pipeline,
+)
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = inpo_utils.make_accelerator(args)
-    logger.info(accelerator.state, main_process_only=False)
-
-    # Cheap checks first (model family and prediction type from configs, then the data), weights last.
-    scheduler_config = inpo_utils.check_model_family(args.pretrained_model_name_or_path, args.revision,
-                                                     args.cache_dir, want_sdxl=False)  # fmt: skip
-    with accelerator.main_process_first():
-        dataset = inpo_utils.load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir,
-                                                     args.max_train_samples, args.seed, log=logger.info)  # fmt: skip
-    tokenizer, text_encoder, vae, unet = load_models(args, accelerator)
-
-    def make_step(unet, reference, inverse_scheduler, generator):
-        return SDInpoStep(tokenizer, text_encoder, args=args, accelerator=accelerator, unet=unet, reference=reference,
-                          vae=vae, inverse_scheduler=inverse_scheduler, generator=generator)  # fmt: skip
-
-    frozen = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-    inpo_utils.run_training(args, accelerator, scheduler_config, dataset, unet, make_step,
-                            functools.partial(make_pipeline, args, accelerator, **frozen), StableDiffusionPipeline)  # fmt: skip
+    inpo_utils.run(parse_args(argv), SD)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,19 @@
       --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
       --dataset_name yuvalkirstain/pickapic_v2 --output_dir inpo-sdxl-lora
 
-Stages: arguments → models → data → the training step (`SDXLInpoStep`) → loop and save (`inpo_utils.run_training`).
+Stages: arguments → frozen models → the training step (`SDXLInpoStep`); `inpo_utils.run` loads the data, runs
+the loop (or precomputes the inversion cache) and saves.
 This file holds only what is particular to SDXL: two text encoders, pooled text embeddings and size/crop
 micro-conditioning ("time ids").
 """
 
 import argparse
-import functools
 
 import torch
-from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import inpo_utils
-
-logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
@@ -50,29 +47,30 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, resolution):
     return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()
 
 
-def load_models(args, accelerator):
-    """Both tokenizers and text encoders and the VAE (frozen) and the UNet (set up later)."""
+def load_frozen_models(args, accelerator):
+    """Both tokenizers and text encoders and the VAE, frozen, keyed by their pipeline names."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     weights = dict(common, variant=args.variant, use_safetensors=True)
     path = args.pretrained_model_name_or_path
-    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=sub, **common) for sub in ("tokenizer", "tokenizer_2")]
-    text_encoders = [
-        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
-        CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
-    ]
+    frozen = {
+        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
+    }
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, use_safetensors=True, **common)
+        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, use_safetensors=True,
+                                                      **common)  # fmt: skip
     else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        frozen["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
 
     weight_dtype = inpo_utils.weight_dtype_of(accelerator)
-    for encoder in text_encoders:
+    for encoder in (frozen["text_encoder"], frozen["text_encoder_2"]):
         encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
     # The original SDXL VAE overflows in fp16; only a VAE made for it (the fp16-fix) runs in half precision.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path else weight_dtype
-    vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype).eval()
-    return tokenizers, text_encoders, vae, unet
+    frozen["vae"].requires_grad_(False).to(accelerator.device, dtype=vae_dtype).eval()
+    return frozen
 
 
 class SDXLInpoStep(inpo_utils.InpoStep):
@@ -114,28 +112,20 @@ def make_pipeline(args, accelerator, **components):
     return pipeline.to(accelerator.device)
 
 
+SDXL = inpo_utils.ModelFamily(
+    is_sdxl=True,
+    pipeline_cls=StableDiffusionXLPipeline,
+    load_frozen_models=load_frozen_models,
+    make_step=lambda frozen, **kwargs: SDXLInpoStep(
+        [frozen["tokenizer"], frozen["tokenizer_2"]], [frozen["text_encoder"], frozen["text_encoder_2"]],
+        vae=frozen["vae"], **kwargs,
+    ),
+    make_pipeline=make_pipeline,
+)
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = inpo_utils.make_accelerator(args)
-    logger.info(accelerator.state, main_process_only=False)
-
-    # Cheap checks first (model family and prediction type from configs, then the data), weights last.
-    scheduler_config = inpo_utils.check_model_family(args.pretrained_model_name_or_path, args.revision,
-                                                     args.cache_dir, want_sdxl=True)  # fmt: skip
-    with accelerator.main_process_first():
-        dataset = inpo_utils.load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir,
-                                                     args.max_train_samples, args.seed, log=logger.info)  # fmt: skip
-    tokenizers, text_encoders, vae, unet = load_models(args, accelerator)
-
-    def make_step(unet, reference, inverse_scheduler, generator):
-        return SDXLInpoStep(tokenizers, text_encoders, args=args, accelerator=accelerator, unet=unet,
-                            reference=reference, vae=vae, inverse_scheduler=inverse_scheduler, generator=generator)  # fmt: skip
-
-    frozen = dict(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
-                  tokenizer_2=tokenizers[1])  # fmt: skip
-    inpo_utils.run_training(args, accelerator, scheduler_config, dataset, unet, make_step,
-                            functools.partial(make_pipeline, args, accelerator, **frozen), StableDiffusionXLPipeline,
-                            is_sdxl=True)  # fmt: skip
+    inpo_utils.run(parse_args(argv), SDXL)
 
 
 if __name__ == "__main__":

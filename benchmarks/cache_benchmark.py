@@ -1,0 +1,169 @@
+"""Step time and peak memory of cached InPO vs online InPO vs Diffusion-DPO (forward noise), through train_inpo.py.
+
+    python benchmarks/cache_benchmark.py --model tiny
+    python benchmarks/cache_benchmark.py --model sd15 --resolution 64 --steps 6
+
+`tiny` is demo.py's tiny pipeline; `sd15` has the published SD 1.5 UNet/VAE/CLIP-L architectures with random
+weights (no download), run at a low resolution so a CPU can afford it. Every method trains the same LoRA on the same
+pairs with the same batch; step time is the mean `step_time` the script logs (first step excluded), peak RSS is
+`/usr/bin/time`'s maximum resident set size of the whole training process. Prints a markdown table and writes it to
+benchmarks/out/cache_benchmark_<model>.md.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+import demo  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)  # fmt: skip
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)  # fmt: skip
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   max_position_embeddings=77, projection_dim=768)  # fmt: skip
+
+
+def build_sd15_random(path):
+    """SD 1.5 architectures with random weights, saved as a diffusers pipeline (about 4 GB in fp32)."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return path
+    tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"), max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1, **CLIP_L_TEXT))  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder,
+        tokenizer=tokenizer, scheduler=demo._tiny_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(path)
+    return path
+
+
+def timed_run(args_list, log_path):
+    """Run train_inpo.py under /usr/bin/time -v; return (wall seconds, peak RSS in MiB)."""
+    command = ["/usr/bin/time", "-v", sys.executable, os.path.join(REPO, "train_inpo.py"), *map(str, args_list)]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - started
+    with open(log_path, "w") as f:
+        f.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"train_inpo.py failed, see {log_path}:\n{result.stderr[-3000:]}")
+    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return wall, peak_kib / 1024
+
+
+def mean_step_time(output_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    times = {}
+    for root, _, files in os.walk(os.path.join(output_dir, "logs")):
+        if any(name.startswith("events.out") for name in files):
+            events = EventAccumulator(root)
+            events.Reload()
+            times.update({e.step: e.value for e in events.Scalars("step_time")})
+    later = [value for step, value in sorted(times.items()) if step > 1]  # step 1 pays for warm-up
+    return sum(later) / len(later)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--resolution", type=int, default=None, help="Default: 32 (tiny), 64 (sd15).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per method. Default: 20 / 6.")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--train_batch_size", type=int, default=2)
+    parser.add_argument("--work_dir", default=os.path.join(HERE, "out", "cache_benchmark"))
+    args = parser.parse_args()
+    resolution = args.resolution or (32 if args.model == "tiny" else 64)
+    steps = args.steps or (20 if args.model == "tiny" else 6)
+    work = os.path.join(args.work_dir, args.model)
+    os.makedirs(work, exist_ok=True)
+
+    model_dir = os.path.join(work, "model")
+    if args.model == "tiny":
+        model_dir = demo.build_tiny_sd(model_dir) if not os.path.isdir(model_dir) else model_dir
+    else:
+        build_sd15_random(model_dir)
+    data_dir = os.path.join(work, "pairs")
+    if not os.path.isdir(data_dir):
+        demo.build_tiny_pickapic(data_dir, num_pairs=args.pairs, image_size=(resolution, resolution + 16))
+
+    common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir, "--resolution", resolution,
+              "--train_batch_size", args.train_batch_size, "--max_train_steps", steps, "--rank", 8,
+              "--learning_rate", 1e-4, "--seed", 0, "--report_to", "tensorboard", "--checkpointing_steps", 10**6,
+              "--inversion_steps", 10]  # fmt: skip
+    cache_dir = os.path.join(work, "cache")
+    rows = []
+
+    # The precompute, timed on its own (fresh cache each time).
+    import shutil
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_flags = ["--inversion_cache_dir", cache_dir, "--inversion_eta", 0.0]
+    wall, peak = timed_run(common + cache_flags + ["--output_dir", os.path.join(work, "precompute"),
+                                                  "--precompute_inversion_cache"], os.path.join(work, "precompute.log"))  # fmt: skip
+    manifest = json.load(open(os.path.join(cache_dir, "manifest.json")))
+    precompute = (manifest["num_pairs"] / manifest["seconds_last_run"], manifest["bytes_per_pair"], peak)
+    per_pair_dir = cache_dir + "-per-pair"
+    shutil.rmtree(per_pair_dir, ignore_errors=True)
+    timed_run(common + ["--inversion_cache_dir", per_pair_dir, "--inversion_eta", 0.0, "--cache_timesteps", "per_pair",
+                        "--output_dir", os.path.join(work, "precompute-pp"), "--precompute_inversion_cache"],
+              os.path.join(work, "precompute-pp.log"))  # fmt: skip
+    per_pair_bytes = json.load(open(os.path.join(per_pair_dir, "manifest.json")))["bytes_per_pair"]
+
+    methods = [
+        ("(a) cached InPO (grid timesteps)", cache_flags),
+        ("(b) online InPO, policy inversion, eta 0.1 (paper)", ["--inversion_model", "policy", "--inversion_eta", 0.1]),
+        ("(b') online InPO, reference inversion, eta 0", ["--inversion_model", "reference", "--inversion_eta", 0.0]),
+        ("(c) Diffusion-DPO (forward noise)", ["--latent_source", "forward"]),
+    ]
+    for name, flags in methods:
+        out = os.path.join(work, re.sub(r"\W+", "-", name).strip("-"))
+        shutil.rmtree(out, ignore_errors=True)
+        wall, peak = timed_run(common + flags + ["--output_dir", out], out + ".log")
+        rows.append((name, mean_step_time(out), peak, wall))
+
+    forward_time = rows[-1][1]
+    lines = [
+        f"Model `{args.model}` at {resolution} px, batch {args.train_batch_size} pairs, LoRA rank 8, {steps} steps, "
+        f"K = 10, {os.cpu_count()} CPU cores.",
+        "",
+        "| method | mean step time (s) | × forward-noise DPO | peak RSS (MiB) | wall incl. start-up (s) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {t:.3f} | {t / forward_time:.2f} | {p:.0f} | {w:.0f} |" for n, t, p, w in rows]
+    lines += [
+        "",
+        f"Precompute: {precompute[0]:.2f} pairs/s, peak RSS {precompute[2]:.0f} MiB; cache size per pair: "
+        f"{precompute[1] / 1024:.1f} KiB with grid timesteps (whole trajectory), {per_pair_bytes / 1024:.1f} KiB "
+        f"with one timestep per pair (`--cache_timesteps per_pair`), fp16.",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(HERE, "out", f"cache_benchmark_{args.model}.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

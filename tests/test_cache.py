@@ -1,0 +1,166 @@
+"""The invert-once cache: round trip, equality with online InPO, fingerprint refusals, resumable precompute."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import launch, read_scalars, tiny_run_args
+
+import inpo_utils
+import train_inpo
+
+
+def cache_args(model, data, cache_dir, **overrides):
+    flags = dict(inversion_eta=0.0, inversion_cache_dir=cache_dir, cache_shard_size=3, cache_dtype="fp32")
+    flags.update(overrides)
+    return train_inpo.parse_args(tiny_run_args(model, data, os.path.join(cache_dir, "out"), **flags))
+
+
+def precompute_in_process(args, record=None):
+    """What `train_inpo.py --precompute_inversion_cache` does, in this process; returns the reference UNet."""
+    accelerator = Accelerator(cpu=True)
+    scheduler_config = inpo_utils.check_model_family(args.pretrained_model_name_or_path, None, None, want_sdxl=False)
+    dataset = inpo_utils.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
+    frozen = train_inpo.load_frozen_models(args, accelerator)
+    reference = inpo_utils.load_unet(args).requires_grad_(False)
+    step = train_inpo.SD.make_step(frozen, args=args, accelerator=accelerator, unet=None, reference=reference,
+                                   inverse_scheduler=inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps),
+                                   generator=None)  # fmt: skip
+    if record is not None:
+        original = inpo_utils._cache_rows
+
+        def recording(*a, **k):
+            rows = original(*a, **k)
+            record.append({name: value.clone() for name, value in rows.items()})
+            return rows
+
+        inpo_utils._cache_rows = recording
+    try:
+        inpo_utils.precompute_inversion_cache(args, accelerator, dataset, step,
+                                              inpo_utils.cache_fingerprint(args, scheduler_config, False),
+                                              log=lambda _: None)  # fmt: skip
+    finally:
+        if record is not None:
+            inpo_utils._cache_rows = original
+    return accelerator, scheduler_config, reference
+
+
+@pytest.mark.parametrize("cache_timesteps", ["grid", "per_pair"])
+def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, cache_timesteps):
+    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), cache_timesteps=cache_timesteps)
+    recorded = []
+    _, scheduler_config, _ = precompute_in_process(args, record=recorded)
+    computed = {name: torch.cat([rows[name] for rows in recorded]) for name in recorded[0]}
+    fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, False)
+    manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir, fingerprint)
+    assert manifest["num_pairs"] == 8 and manifest["num_shards"] == 3
+    pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, seed=0)
+    assert len(pairs) == 8
+    for index in range(8):
+        example = pairs[index]
+        torch.testing.assert_close(example["x0"], computed["x0"][index])
+        torch.testing.assert_close(example["encoder_hidden_states"], computed["encoder_hidden_states"][index])
+        if cache_timesteps == "per_pair":
+            assert example["timestep"] == computed["timesteps"][index]
+            torch.testing.assert_close(example["latents"], computed["latents"][index])
+            torch.testing.assert_close(example["reference_errors"], computed["reference_errors"][index])
+        else:
+            k = manifest["grid_timesteps"].index(int(example["timestep"]))
+            expected = computed["x0"][index] if k == 0 else computed["latents"][index][:, k - 1]  # grid endpoint
+            torch.testing.assert_close(example["latents"], expected)
+            torch.testing.assert_close(example["reference_errors"], computed["reference_errors"][index][:, k])
+    bytes_per_pair = manifest["bytes_per_pair"]
+    assert bytes_per_pair == pytest.approx(sum(os.path.getsize(p) for p in pairs.shards) / 8)
+
+
+@pytest.mark.parametrize("endpoint", ["grid", "exact"])
+def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickapic, tmp_path, endpoint):
+    from peft import LoraConfig
+
+    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), inversion_endpoint=endpoint)
+    accelerator, scheduler_config, unet = precompute_in_process(args)
+    manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir,
+                                              inpo_utils.cache_fingerprint(args, scheduler_config, False))  # fmt: skip
+    pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, endpoint, seed=0)
+    batch = inpo_utils.collate_cached([pairs[i] for i in range(4)])
+
+    # A policy that differs from the reference: LoRA with non-zero up weights; reference = adapters off.
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    reference = inpo_utils.AdaptersDisabled(unet)
+    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
+    cached_loss, cached_metrics = inpo_utils.CachedInpoStep(args, accelerator, unet, inverse_scheduler.alphas_cumprod,
+                                                            "epsilon")(batch)  # fmt: skip
+    online_loss, online_metrics = inpo_utils.inpo_step_loss(
+        unet, reference, reference, batch["x0"], batch["encoder_hidden_states"], inverse_scheduler, args.beta_dpo,
+        eta=0.0, endpoint=endpoint, timesteps=batch["timesteps"],
+    )  # fmt: skip
+    assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-4, abs=1e-6)
+    for name in ("reference_mse", "policy_mse", "reward_margin"):
+        assert cached_metrics[name].item() == pytest.approx(online_metrics[name].item(), rel=1e-3, abs=1e-7)
+    assert abs(cached_metrics["reward_margin"].item()) > 1e-4  # the comparison is not between two zeros
+
+
+def test_stale_and_incomplete_caches_are_refused(tiny_sd, pickapic, tmp_path):
+    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"))
+    _, scheduler_config, _ = precompute_in_process(args)
+    stale = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), resolution=64, inversion_steps=20)
+    with pytest.raises(ValueError) as error:
+        inpo_utils.read_cache_manifest(args.inversion_cache_dir,
+                                       inpo_utils.cache_fingerprint(stale, scheduler_config, False))  # fmt: skip
+    assert "resolution: cache has 32, this run has 64" in str(error.value)
+    assert "inversion_steps: cache has 10, this run has 20" in str(error.value)
+    os.remove(os.path.join(args.inversion_cache_dir, "manifest.json"))
+    with pytest.raises(ValueError, match="is incomplete"):
+        inpo_utils.read_cache_manifest(args.inversion_cache_dir, inpo_utils.cache_fingerprint(args, scheduler_config, False))
+    with pytest.raises(ValueError, match="does not exist"):
+        inpo_utils.read_cache_manifest(str(tmp_path / "nowhere"), {})
+    # Precomputing into a folder made with other settings is refused too, instead of mixing shards.
+    with pytest.raises(ValueError, match="made with other settings"):
+        precompute_in_process(stale)
+
+
+def test_interrupted_precompute_resumes_without_recomputing_finished_shards(tiny_sd, pickapic, tmp_path):
+    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"))
+    precompute_in_process(args)
+    cache_dir = args.inversion_cache_dir
+    shards = [os.path.join(cache_dir, f"shard-0000{i}.safetensors") for i in range(3)]
+    original_last = open(shards[2], "rb").read()
+    # Simulate a kill after two shards: the last shard and the manifest are missing.
+    os.remove(shards[2])
+    os.remove(os.path.join(cache_dir, "manifest.json"))
+    finished = {path: os.stat(path).st_mtime_ns for path in shards[:2]}
+    precompute_in_process(args)
+    assert {path: os.stat(path).st_mtime_ns for path in shards[:2]} == finished
+    assert open(shards[2], "rb").read() == original_last  # deterministic: the same bytes as the first time
+    assert os.path.isfile(os.path.join(cache_dir, "manifest.json"))
+
+
+def test_training_from_cache_needs_neither_vae_nor_text_encoder(tiny_sd, pickapic, tmp_path):
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_sd, model)
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
+    flags = dict(inversion_eta=0.0, inversion_cache_dir=cache, cache_timesteps="per_pair")
+    launch("train_inpo.py", *tiny_run_args(model, pickapic, out, precompute_inversion_cache=True, **flags))
+    assert os.path.isfile(os.path.join(cache, "manifest.json"))
+    shutil.rmtree(os.path.join(model, "vae"))
+    shutil.rmtree(os.path.join(model, "text_encoder"))
+    result = launch("train_inpo.py", *tiny_run_args(model, pickapic, out, steps=3, **flags))
+    assert "Training from the inversion cache" in result.stderr
+    losses = read_scalars(out, "loss")
+    assert sorted(losses) == [1, 2, 3]
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_cache_flags_that_contradict_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot train --latent_source forward"):
+        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="forward"))
+    with pytest.raises(ValueError, match="drop --inversion_model policy"):
+        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy"))
+    with pytest.raises(ValueError, match="needs --inversion_cache_dir"):
+        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), precompute_inversion_cache=True))
