@@ -513,6 +513,9 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
     group.add_argument("--revision", default=None, help="Model revision on the hub.")
     group.add_argument("--variant", default=None, help="Weight variant, e.g. fp16.")
+    group.add_argument("--allow_unsafe_pickle_weights", action="store_true",
+                       help="Also load .bin/.ckpt (pickle) weights; by default only safetensors are loaded, since "
+                            "unpickling a file can run arbitrary code.")  # fmt: skip
     group.add_argument("--dataset_name", required=True,
                        help="Hub id (yuvalkirstain/pickapic_v2) or local folder of <split>-*.parquet files with "
                             "columns caption, jpg_0, jpg_1, label_0.")  # fmt: skip
@@ -582,6 +585,9 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--skip_nonfinite_steps", type=int, default=0,
+                       help="Optimizer steps with a non-finite loss or gradient to skip before stopping (default: "
+                            "stop at the first).")  # fmt: skip
     group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                        help="Default: accelerate's config.")  # fmt: skip
     group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
@@ -651,6 +657,23 @@ def validate_training_args(args):
         raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
     if args.inversion_model is None:
         args.inversion_model = "reference" if args.inversion_cache_dir is not None else "policy"
+
+
+def check_local_pipeline(args, is_sdxl):
+    """For a local model folder, name the subfolders it lacks before anything is loaded (hub ids are left to
+    diffusers). Training from the inversion cache needs only the UNet (and the rest for validation images)."""
+    path = args.pretrained_model_name_or_path
+    if not os.path.isdir(path):
+        return
+    needed = ["unet", "scheduler"]
+    if args.inversion_cache_dir is None or args.precompute_inversion_cache or args.run_validation:
+        needed += ["tokenizer", "text_encoder"] + (["tokenizer_2", "text_encoder_2"] if is_sdxl else [])
+        if not (is_sdxl and args.pretrained_vae_model_name_or_path):
+            needed.append("vae")
+    missing = [name for name in needed if not os.path.isdir(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f"{path!r} lacks the subfolder(s) {missing}: point --pretrained_model_name_or_path at a "
+                         "complete diffusers pipeline folder (as written by `pipeline.save_pretrained`).")  # fmt: skip
 
 
 def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_sdxl):
@@ -832,6 +855,41 @@ def register_checkpoint_hooks(accelerator, args, pipeline_cls):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+RUN_SETTINGS_FILE = "inpo_run.json"
+# Settings a checkpoint cannot be resumed across: they change what the saved weights are.
+STRUCTURAL_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "train_mode", "rank", "lora_alpha",
+                       "lora_target_modules", "dataset_name", "dataset_split_name", "max_train_samples", "resolution")  # fmt: skip
+
+
+def run_settings(args, is_sdxl):
+    settings = {name: getattr(args, name) for name in STRUCTURAL_SETTINGS}
+    settings["family"] = "sdxl" if is_sdxl else "sd"
+    return settings
+
+
+def check_output_dir(args, is_sdxl):
+    """Refuse an --output_dir that holds checkpoints of a different run, or of an earlier run when not resuming,
+    instead of mixing their checkpoints with this run's."""
+    checkpoints = list_checkpoints(args.output_dir)
+    if not checkpoints:
+        return
+    settings_path = os.path.join(args.output_dir, RUN_SETTINGS_FILE)
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            differences = fingerprint_differences(json.load(f), run_settings(args, is_sdxl))
+        if differences:
+            raise ValueError(f"--output_dir {args.output_dir!r} holds checkpoints of a run with other settings; use a "
+                             "new --output_dir:\n  " + "\n  ".join(d.replace("cache has", "that run has") for d in differences))  # fmt: skip
+    if args.resume_from_checkpoint is None:
+        raise ValueError(f"--output_dir {args.output_dir!r} already holds {checkpoints[-1]} from an earlier run: pass "
+                         "--resume_from_checkpoint latest to continue it, or choose another --output_dir.")  # fmt: skip
+
+
+def write_run_settings(args, is_sdxl):
+    with open(os.path.join(args.output_dir, RUN_SETTINGS_FILE), "w") as f:
+        json.dump(run_settings(args, is_sdxl), f, indent=1)
+
+
 def list_checkpoints(output_dir):
     """checkpoint-<step> folders in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):
@@ -894,6 +952,12 @@ def gather_mean(accelerator, metrics):
     return {name: value.item() for name, value in zip(names, gathered)}
 
 
+def all_finite(accelerator, value):
+    """True when `value` is finite on every process."""
+    flag = torch.isfinite(value).all().float().reshape(1)
+    return bool(accelerator.gather(flag).min() > 0)
+
+
 def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step_loss, on_validation,
                params_to_clip):  # fmt: skip
     """The optimisation loop both scripts run: resume, accumulate, clip, log, checkpoint, validate.
@@ -925,6 +989,7 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     accumulated = {}
     step_started = time.perf_counter()
+    window_is_finite, nonfinite_steps = True, 0
     for epoch in range(first_epoch, num_epochs):
         unet.train()
         pairs.set_epoch(epoch)
@@ -937,17 +1002,38 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
                 continue
             with accelerator.accumulate(unet):
                 loss, metrics = step_loss(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                # Decided on the values of every process, so all of them skip or step together.
+                if all_finite(accelerator, loss.detach()):
+                    accelerator.backward(loss)
+                else:
+                    window_is_finite = False
+                if accelerator.sync_gradients and window_is_finite and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
+                    window_is_finite = all_finite(accelerator, torch.as_tensor(grad_norm, device=accelerator.device))
+                if accelerator.sync_gradients and window_is_finite:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for name, value in gather_mean(accelerator, metrics).items():
                 accumulated[name] = accumulated.get(name, 0.0) + value / args.gradient_accumulation_steps
             if not accelerator.sync_gradients:
                 continue
+            if not window_is_finite:
+                nonfinite_steps += 1
+                if nonfinite_steps > args.skip_nonfinite_steps:
+                    last = list_checkpoints(args.output_dir)
+                    raise FloatingPointError(
+                        f"Non-finite loss or gradient at optimizer step {global_step + 1} (mean timestep "
+                        f"{accumulated.get('timestep', float('nan')):.0f}; metrics "
+                        f"{ {k: round(v, 6) for k, v in accumulated.items()} }). Stopped without saving; the last "
+                        f"good checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate or --beta_dpo, "
+                        "prefer bf16 to fp16, or pass --skip_nonfinite_steps N to skip up to N such steps."
+                    )  # fmt: skip
+                logger.warning(f"Skipped optimizer step {global_step + 1}: non-finite loss or gradient "
+                               f"({nonfinite_steps}/{args.skip_nonfinite_steps} allowed).")  # fmt: skip
+            window_is_finite = True
             global_step += 1
+            accumulated["skipped_nonfinite_steps"] = nonfinite_steps
             progress.update(1)
             accumulated["lr"] = lr_scheduler.get_last_lr()[0]
             # Seconds per optimizer step, excluding checkpointing and validation (logged for benchmarks/).
@@ -1113,6 +1199,7 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     if accelerator.is_main_process:
+        write_run_settings(args, family.is_sdxl)
         config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
         accelerator.init_trackers(args.tracker_name, config)
 
@@ -1473,12 +1560,17 @@ class ModelFamily:
     make_pipeline: Callable
 
 
+def weight_loading_kwargs(args):
+    """from_pretrained kwargs for weights: safetensors only unless --allow_unsafe_pickle_weights."""
+    return dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                use_safetensors=None if args.allow_unsafe_pickle_weights else True)  # fmt: skip
+
+
 def load_unet(args):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-                                                use_safetensors=True)  # fmt: skip
+                                                **weight_loading_kwargs(args))  # fmt: skip
 
 
 def run(args, family):
@@ -1492,6 +1584,9 @@ def run(args, family):
     # Cheap checks first (model family and prediction type from configs, then the data), weights last.
     scheduler_config = check_model_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
                                           want_sdxl=family.is_sdxl)  # fmt: skip
+    check_local_pipeline(args, family.is_sdxl)
+    if not args.precompute_inversion_cache:
+        check_output_dir(args, family.is_sdxl)
     from_cache = args.inversion_cache_dir is not None and not args.precompute_inversion_cache
     if from_cache:
         fingerprint = cache_fingerprint(args, scheduler_config, family.is_sdxl)

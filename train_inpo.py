@@ -30,7 +30,7 @@ def parse_args(argv=None):
 def load_frozen_models(args, accelerator):
     """Tokenizer, text encoder and VAE, frozen in the mixed-precision dtype, keyed by their pipeline names."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
-    weights = dict(common, variant=args.variant, use_safetensors=True)
+    weights = inpo_utils.weight_loading_kwargs(args)
     path = args.pretrained_model_name_or_path
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
@@ -61,9 +61,8 @@ class SDInpoStep(inpo_utils.InpoStep):
 def make_pipeline(args, accelerator, **components):
     """The base SD pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving."""
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        safety_checker=None, requires_safety_checker=False, torch_dtype=inpo_utils.weight_dtype_of(accelerator),
-        use_safetensors=True, **components,
+        args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False,
+        torch_dtype=inpo_utils.weight_dtype_of(accelerator), **inpo_utils.weight_loading_kwargs(args), **components,
     )  # fmt: skip
     return pipeline.to(accelerator.device)
 

@@ -50,7 +50,7 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, resolution):
 def load_frozen_models(args, accelerator):
     """Both tokenizers and text encoders and the VAE, frozen, keyed by their pipeline names."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
-    weights = dict(common, variant=args.variant, use_safetensors=True)
+    weights = inpo_utils.weight_loading_kwargs(args)
     path = args.pretrained_model_name_or_path
     frozen = {
         "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
@@ -59,8 +59,8 @@ def load_frozen_models(args, accelerator):
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
     }
     if args.pretrained_vae_model_name_or_path:
-        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, use_safetensors=True,
-                                                      **common)  # fmt: skip
+        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
+                                                      **dict(weights, revision=None, variant=None))  # fmt: skip
     else:
         frozen["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
 
@@ -106,8 +106,8 @@ class SDXLInpoStep(inpo_utils.InpoStep):
 def make_pipeline(args, accelerator, **components):
     """The base SDXL pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        torch_dtype=inpo_utils.weight_dtype_of(accelerator), use_safetensors=True, **components,
+        args.pretrained_model_name_or_path, torch_dtype=inpo_utils.weight_dtype_of(accelerator),
+        **inpo_utils.weight_loading_kwargs(args), **components,
     )  # fmt: skip
     return pipeline.to(accelerator.device)
 
