@@ -470,6 +470,7 @@ class PreferencePairs(torch.utils.data.Dataset):
             logging.getLogger(__name__).warning(f"Skipping pair {index}: image does not decode ({error}).")
             return None
         return {
+            "index": index,
             "caption": row["caption"],
             "pixel_values": torch.stack([t[0] for t in transformed]),
             "original_sizes": torch.tensor([t[1] for t in transformed]),
@@ -488,6 +489,7 @@ def collate_pairs(examples):
         return torch.cat([stacked[:, 0], stacked[:, 1]])
 
     return {
+        "indices": torch.tensor([example["index"] for example in examples]),
         "captions": [example["caption"] for example in examples],
         "pixel_values": winners_then_losers("pixel_values").contiguous(),
         "original_sizes": winners_then_losers("original_sizes"),
@@ -741,18 +743,24 @@ def weight_dtype_of(accelerator):
 
 
 class StepRandomness:
-    """The generator behind timesteps and inversion noise, saved in checkpoints so a resumed run draws the same
-    numbers as an uninterrupted one (the global RNGs are also touched by data loading)."""
+    """The generator behind timesteps, VAE sampling and inversion noise: one stream per process (seed + rank),
+    saved in checkpoints so a resumed run draws the same numbers as an uninterrupted one (the global RNGs are also
+    touched by data loading, so they can't serve)."""
 
-    def __init__(self, seed, device):
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+    def __init__(self, seed, accelerator):
+        self.accelerator = accelerator
+        self.generator = torch.Generator(device=accelerator.device)
+        self.generator.manual_seed(seed + accelerator.process_index)
 
     def state_dict(self):
-        return {"state": self.generator.get_state()}
+        # Called on every process by save_state; only the main process writes, so it must hold all streams.
+        state = self.generator.get_state().to(self.accelerator.device)
+        return {"states": self.accelerator.gather(state[None]).cpu()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["state"])
+        states = state["states"]
+        if self.accelerator.process_index < len(states):  # a process the checkpoint lacks keeps its fresh seed
+            self.generator.set_state(states[self.accelerator.process_index].to(self.generator.get_state().device))
 
 
 def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
@@ -952,6 +960,13 @@ def gather_mean(accelerator, metrics):
     return {name: value.item() for name, value in zip(names, gathered)}
 
 
+def main_process_logger():
+    """A logger that writes on the main process only (accelerate's), for messages every process would repeat."""
+    from accelerate.logging import get_logger
+
+    return get_logger(__name__)
+
+
 def all_finite(accelerator, value):
     """True when `value` is finite on every process."""
     flag = torch.isfinite(value).all().float().reshape(1)
@@ -967,7 +982,7 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
     """
     from tqdm.auto import tqdm
 
-    logger = logging.getLogger(__name__)
+    logger = main_process_logger()
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     global_step, first_epoch, batches_to_skip = 0, 0, 0
@@ -1173,6 +1188,22 @@ class InpoStep:
             )  # fmt: skip
 
 
+def make_dataloader(pairs, collate_fn, args):
+    """Shuffled batches of pairs; `accelerator.prepare` then gives each process its own share of every epoch."""
+    return torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
+                                       num_workers=args.dataloader_num_workers)  # fmt: skip
+
+
+def check_replicas_in_sync(accelerator, params):
+    """Raise if the trained weights differ between processes (a broken data-parallel set-up); log when they agree."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    sums = accelerator.gather(checksum)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=0):
+        raise RuntimeError(f"Trained weights differ between processes (checksums {sums.tolist()}).")
+    main_process_logger().info(f"Trained weights identical on all {accelerator.num_processes} processes "
+                               f"(checksum {sums[0].item():.9g}).")  # fmt: skip
+
+
 def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn, unet, make_step, make_pipeline):
     """Everything after the models are loaded: LoRA/reference set-up, data loader, optimizer, the loop, and the
     final save (diffusers-format LoRA or a full pipeline), validation and model card.
@@ -1188,10 +1219,9 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
     unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator, with_reference)
     inverse_scheduler = make_inverse_scheduler(scheduler_config, args.inversion_steps)
     register_checkpoint_hooks(accelerator, args, family.pipeline_cls)
-    randomness = StepRandomness(seed + accelerator.process_index, accelerator.device)
+    randomness = StepRandomness(seed, accelerator)
     accelerator.register_for_checkpointing(randomness)
-    dataloader = torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=True,
-                                             collate_fn=collate_fn, num_workers=args.dataloader_num_workers)  # fmt: skip
+    dataloader = make_dataloader(pairs, collate_fn, args)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = make_optimizer(trainable, args)
@@ -1215,6 +1245,7 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
 
     step = make_step(unet, reference, inverse_scheduler, randomness.generator)
     train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step, validate, trainable)
+    check_replicas_in_sync(accelerator, trainable)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
