@@ -47,3 +47,11 @@ def test_two_process_sdxl_run(tiny_sdxl, pickapic, tmp_path):
     result = torchrun("train_inpo_sdxl.py", *tiny_run_args(tiny_sdxl, pickapic, out, steps=2))
     assert "Trained weights identical on all 2 processes" in result.stderr
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_example_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = os.path.join(REPO, "accelerate_configs")
+    kinds = {name: load_config_from_file(os.path.join(folder, name)).distributed_type for name in os.listdir(folder)}
+    assert {str(kind).split(".")[-1] for kind in kinds.values()} == {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}
