@@ -40,6 +40,14 @@ def pickapic(tmp_path_factory):
     return demo.build_tiny_pickapic(str(tmp_path_factory.mktemp("pickapic")), num_pairs=8)
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_sd, pickapic, tmp_path_factory):
+    """A 6-step LoRA run saving every 2 steps: what interrupted and resumed runs must reproduce."""
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2))
+    return out
+
+
 def launch(script, *args, num_processes=1, check=True):
     """Run a training script the way users do, through `accelerate launch`, on the CPU."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--cpu",

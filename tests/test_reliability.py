@@ -69,14 +69,6 @@ def test_half_written_checkpoint_is_never_picked_as_latest(tmp_path):
     assert inpo_utils.prune_checkpoints(str(tmp_path), total_limit=2) == ["checkpoint-2"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_sd, pickapic, tmp_path_factory):
-    """A 6-step run saving every 2 steps: what interrupted runs must reproduce."""
-    out = str(tmp_path_factory.mktemp("uninterrupted"))
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2))
-    return out
-
-
 def test_kill_9_then_resume_latest_equals_uninterrupted_run(tiny_sd, pickapic, uninterrupted, tmp_path):
     out = str(tmp_path / "run")
     args = tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2)

@@ -10,6 +10,8 @@ from conftest import launch, read_scalars, tiny_run_args
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+import inpo_utils
+
 
 def generate(pipe, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -70,21 +72,23 @@ def test_v_prediction_model_trains(tiny_sd_vpred, pickapic, tmp_path):
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
-def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, tmp_path):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    common = dict(steps=4, checkpointing_steps=2, inversion_eta=0.1)
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, full, **common))
-    # Stop after the checkpoint at step 2, then resume from it.
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, **dict(common, steps=2)))
-    assert sorted(os.listdir(part)).count("checkpoint-2") == 1
-    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, resume_from_checkpoint="latest", **common))
+def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupted, tmp_path):
+    part = str(tmp_path / "part")
+    common = dict(checkpointing_steps=2)
+    # Stop after the checkpoint at step 2, then resume from it up to the uninterrupted run's 6 steps.
+    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=2, **common))
+    assert inpo_utils.list_checkpoints(part) == ["checkpoint-2"]
+    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=6, resume_from_checkpoint="latest",
+                                                    **common))  # fmt: skip
     assert "Resuming from" in result.stdout + result.stderr
-    assert os.path.isdir(os.path.join(part, "checkpoint-4"))
+    assert inpo_utils.list_checkpoints(part) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     resumed = load_file(os.path.join(part, "pytorch_lora_weights.safetensors"))
-    uninterrupted = load_file(os.path.join(full, "pytorch_lora_weights.safetensors"))
-    assert resumed.keys() == uninterrupted.keys()
+    straight = load_file(os.path.join(uninterrupted, "pytorch_lora_weights.safetensors"))
+    assert resumed.keys() == straight.keys()
     for key in resumed:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=1e-5)
-    # The resumed run logged steps 3 and 4 with the same losses as the uninterrupted one.
-    full_losses, part_losses = read_scalars(full, "loss"), read_scalars(part, "loss")
-    assert part_losses[4] == pytest.approx(full_losses[4], rel=1e-5)
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5)
+    # The resumed run logged steps 3 to 6 with the same losses as the uninterrupted one.
+    part_losses, straight_losses = read_scalars(part, "loss"), read_scalars(uninterrupted, "loss")
+    assert sorted(part_losses) == [1, 2, 3, 4, 5, 6]
+    for step in range(3, 7):
+        assert part_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)

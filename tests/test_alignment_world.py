@@ -1,0 +1,115 @@
+"""Tests of the synthetic alignment world (benchmarks/alignment_world.py): renderer, reward, fidelity, pairs."""
+
+import numpy as np
+import pytest
+
+from benchmarks import alignment_world as world
+
+
+def _flat(grey, colour=None, size=world.IMAGE_SIZE):
+    """A hand-made float image (32, 32, 3): uniform grey, with a 10x10 `colour` square in the middle if given."""
+    image = np.full((size, size, 3), grey, dtype=np.float64)
+    if colour is not None:
+        image[11:21, 11:21] = colour
+    return image
+
+
+def test_render_is_deterministic_and_draws_the_caption_colour():
+    for caption in world.ALL_CAPTIONS:
+        parts = world.parse_caption(caption)
+        first = world.render(parts, np.random.default_rng(7))
+        again = world.render(parts, np.random.default_rng(7))
+        other = world.render(parts, np.random.default_rng(8))
+        assert first.dtype == np.uint8 and first.shape == (32, 32, 3)
+        np.testing.assert_array_equal(first, again)
+        assert not np.array_equal(first, other)
+        assert world.predict_colour(first[None] / 255.0) == [parts[0]]
+
+
+def test_render_dataset_covers_every_caption():
+    images, captions = world.render_dataset(24, seed=0)
+    assert images.shape == (24, 32, 32, 3)
+    assert sorted(set(captions)) == sorted(world.ALL_CAPTIONS)
+
+
+def test_background_brightness_ranks_hand_made_images():
+    images = np.stack([_flat(0.2, (0.9, 0.1, 0.1)), _flat(0.8, (0.9, 0.1, 0.1)), _flat(0.5, (0.1, 0.2, 0.9))])
+    rewards = world.reward_of("background_brightness", images, ["a red square", "a red square", "a blue square"])
+    np.testing.assert_allclose(rewards, [0.2, 0.8, 0.5], atol=1e-9)  # the shape itself does not count
+    assert world.reward_of("background_brightness", _flat(0.5, (0.9, 0.1, 0.1))[None], ["a red square"])[0] == \
+        pytest.approx(0.5)  # fmt: skip
+
+
+def test_centredness_ranks_hand_made_images():
+    centred = _flat(0.5, (0.9, 0.1, 0.1))
+    off_centre = _flat(0.5)
+    off_centre[0:10, 0:10] = (0.9, 0.1, 0.1)
+    empty = _flat(0.5)
+    rewards = world.reward_of("centredness", np.stack([centred, off_centre, empty]), ["a red square"] * 3)
+    assert rewards[0] == pytest.approx(1.0)
+    assert rewards[0] > rewards[1] > rewards[2] == 0.0
+
+
+def test_unknown_reward_is_rejected():
+    with pytest.raises(ValueError, match="registered"):
+        world.reward_of("sharpness", _flat(0.5)[None], ["a red square"])
+
+
+def test_fidelity_is_right_on_renders_and_wrong_on_mismatches():
+    images, captions = world.render_dataset(96, seed=3)
+    assert world.fidelity(images / 255.0, captions) == 1.0
+    swapped = [world.caption_of("blue" if world.parse_caption(c)[0] != "blue" else "red", "circle") for c in captions]
+    assert world.fidelity(images / 255.0, swapped) == 0.0
+    assert world.predict_colour(_flat(0.9)[None]) == [None]  # no shape: never counts as correct
+
+
+def test_win_rate_counts_ties_as_half():
+    assert world.win_rate([1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.5, 0.1]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """An almost untrained base model: enough to check the pipeline layout, caching and the pair path."""
+    path = str(tmp_path_factory.mktemp("world") / "base")
+    config = world.BaseModelConfig(num_train_images=24, vae_steps=1, unet_steps=1, batch_size=4)
+    meta = world.build_base_model(path, config, num_check_seeds=1, num_inference_steps=2, log=lambda *_: None)
+    return path, config, meta
+
+
+def test_base_model_is_an_sd_pipeline_and_is_cached(tiny_base):
+    path, config, meta = tiny_base
+    pipe = world.load_pipeline(path)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.vae.config.scaling_factor == pytest.approx(meta["scaling_factor"])
+    messages = []
+    assert world.build_base_model(path, config, log=messages.append) == meta
+    assert "up to date" in messages[0]
+
+
+def test_preference_pairs_load_with_datasets_and_have_valid_labels(tiny_base, tmp_path):
+    from datasets import load_dataset
+
+    path, config, meta = tiny_base
+    pipe = world.load_pipeline(path)
+    folder = str(tmp_path / "pairs")
+    pairs_meta = world.make_preference_pairs(pipe, folder, num_pairs=6, num_inference_steps=2,
+                                             fingerprint=meta["fingerprint"], log=lambda *_: None)  # fmt: skip
+    dataset = load_dataset(folder, split="train")
+    assert dataset.num_rows == 6
+    assert dataset.features["caption"].dtype == "string" and dataset.features["label_0"].dtype == "float64"
+    assert set(dataset["label_0"]) <= {0.0, 0.5, 1.0}
+    assert sum(pairs_meta["label_counts"].values()) == 6
+    row = dataset[0]
+    images = np.stack([np.asarray(_decode_png(row[k])) / 255.0 for k in ("jpg_0", "jpg_1")])
+    assert images.shape == (2, 32, 32, 3)
+    rewards = world.reward_of(world.DEFAULT_REWARD, images, [row["caption"]] * 2)
+    assert row["label_0"] == (1.0 if rewards[0] > rewards[1] else 0.0 if rewards[0] < rewards[1] else 0.5)
+
+
+def _decode_png(value):
+    """A `datasets` binary cell (bytes) as a PIL image."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(value)).convert("RGB")
