@@ -22,6 +22,10 @@ from PIL import Image
 # Characters the tiny BPE vocabulary can spell; any caption made of them tokenizes without <unk>.
 _TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
+# 32 px images → 16x16 latents through the 2-level tiny VAE.
+_TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  norm_num_groups=16)
+
 DEMO_CAPTIONS = ["a red square", "a blue circle", "a green cat", "a yellow dog", "a white house", "a black tree"]
 
 
@@ -105,16 +109,11 @@ def build_tiny_sd(path, prediction_type="epsilon", seed=0):
     text_encoder = _tiny_text_encoder(len(tokenizer), hidden_size=32, seed=seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **_TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=16,
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
@@ -140,11 +139,7 @@ def build_tiny_sdxl(path, seed=0):
     text_encoder_2 = _tiny_text_encoder(len(tokenizer_2), hidden_size=32, projection_dim=32, seed=seed + 1)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **_TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,  # concatenated hidden states of both encoders
@@ -154,7 +149,6 @@ def build_tiny_sdxl(path, seed=0):
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text + 6 time ids
-        norm_num_groups=16,
     )
     pipe = StableDiffusionXLPipeline(
         unet=unet,

@@ -81,7 +81,8 @@ def mean_step_time(output_dir):
         if any(name.startswith("events.out") for name in files):
             events = EventAccumulator(root)
             events.Reload()
-            times.update({e.step: e.value for e in events.Scalars("step_time")})
+            if "step_time" in events.Tags()["scalars"]:
+                times.update({e.step: e.value for e in events.Scalars("step_time")})
     later = [value for step, value in sorted(times.items()) if step > 1]  # step 1 pays for warm-up
     return sum(later) / len(later)
 
