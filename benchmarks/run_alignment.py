@@ -1,0 +1,271 @@
+"""Alignment benchmark: InPO (grid and exact endpoints) against Diffusion-DPO in a world with a known reward.
+
+    python benchmarks/run_alignment.py            # default settings, < 30 min on 2 CPU cores
+    python benchmarks/run_alignment.py --quick    # smoke test of the whole path (~1 min)
+
+The base model and the pairs are cached under --out_dir, keyed by fingerprint. Measured on 2 shared CPU cores:
+the default run takes ~8.5 min once they exist; building them first adds ~5 min (base model) and ~1-2 min (512
+pairs) on idle cores, several times more when other jobs load the cores.
+
+Steps: pretrain (or load) the tiny base model of alignment_world.py, sample preference pairs from it labelled by
+the reward, then train every method with train_inpo.py on the same pairs with the same β, learning rate, LoRA
+rank, batch size, seed and number of steps, and evaluate the LoRA exported at every checkpoint on fixed prompts
+and seeds: mean reward, win rate against the base model (same prompt and seed, ties ½) and caption fidelity.
+
+Writes to --out_dir (with --quick: --out_dir/quick): alignment_table.md (also printed), alignment_reward.png
+(reward and win rate against steps), alignment_grid.png (base vs each method's final LoRA, one sample per
+caption) and alignment_results.json (all numbers).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from diffusers.utils import logging as diffusers_logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import alignment_world as world  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+# Method name -> the train_inpo.py flags that make it that method; everything else is shared.
+METHODS = {
+    "inpo_grid": ["--latent_source", "inversion", "--inversion_endpoint", "grid"],
+    "inpo_exact": ["--latent_source", "inversion", "--inversion_endpoint", "exact"],
+    "diffusion_dpo": ["--latent_source", "forward", "--inversion_endpoint", "grid"],
+}
+
+# --quick: every stage runs, on sizes that only check the plumbing (the numbers mean nothing).
+QUICK = dict(num_pairs=16, max_train_steps=4, eval_every=2, eval_seeds=1, train_batch_size=2, num_inference_steps=4)
+QUICK_BASE = world.BaseModelConfig(num_train_images=256, vae_steps=20, unet_steps=20)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "out"))
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes everywhere; outputs in OUT_DIR/quick.")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--reward", choices=sorted(world.REWARDS), default=world.DEFAULT_REWARD)
+    parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs sampled from the base model.")
+    parser.add_argument("--max_train_steps", type=int, default=200)
+    parser.add_argument("--eval_every", type=int, default=50, help="Checkpoint (and evaluation) interval in steps.")
+    parser.add_argument("--eval_seeds", type=int, default=8, help="Evaluation seeds per caption (12 captions).")
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--beta_dpo", type=float, default=1000.0)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inversion_model", choices=("policy", "reference"), default="policy")
+    parser.add_argument("--inversion_steps", type=int, default=10)
+    parser.add_argument("--inversion_eta", type=float, default=0.0)
+    parser.add_argument("--num_inference_steps", type=int, default=world.NUM_INFERENCE_STEPS,
+                        help="DDIM steps for pairs and evaluation.")
+    parser.add_argument("--guidance_scale", type=float, default=world.GUIDANCE_SCALE)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+        args.out_dir = os.path.join(args.out_dir, "quick")
+    return args
+
+
+def base_config(args):
+    return dataclasses.replace(QUICK_BASE if args.quick else world.BaseModelConfig(), seed=args.seed)
+
+
+def train_command(args, method, base_dir, pairs_dir, run_dir):
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+        os.path.join(REPO_ROOT, "train_inpo.py"),
+        "--pretrained_model_name_or_path", base_dir,
+        "--dataset_name", pairs_dir,
+        "--output_dir", run_dir,
+        "--resolution", str(world.IMAGE_SIZE),
+        "--train_batch_size", str(args.train_batch_size),
+        "--max_train_steps", str(args.max_train_steps),
+        "--learning_rate", str(args.learning_rate),
+        "--beta_dpo", str(args.beta_dpo),
+        "--rank", str(args.rank),
+        "--seed", str(args.seed),
+        "--report_to", "none",
+        "--checkpointing_steps", str(args.eval_every),
+        "--inversion_model", args.inversion_model,
+        "--inversion_steps", str(args.inversion_steps),
+        "--inversion_eta", str(args.inversion_eta),
+        *METHODS[method],
+    ]  # fmt: skip
+
+
+def train(args, method, base_dir, pairs_dir, run_dir):
+    """Run train_inpo.py for `method` into a fresh `run_dir`; returns wall seconds. Its output goes to train.log."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stale run would be resumed from or mixed into the table
+    os.makedirs(run_dir)
+    log_path = os.path.join(run_dir, "train.log")
+    command = train_command(args, method, base_dir, pairs_dir, run_dir)
+    print(f"[{method}] training: {' '.join(command)}", flush=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.time() - start
+    if result.returncode != 0:
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise RuntimeError(f"[{method}] train_inpo.py failed (exit {result.returncode}); end of {log_path}:\n{tail}")
+    print(f"[{method}] trained in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def lora_exports(run_dir, max_train_steps):
+    """[(step, folder with pytorch_lora_weights.safetensors)] in step order; the final export is the last."""
+    exports = {}
+    for name in os.listdir(run_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        folder = os.path.join(run_dir, name)
+        if match and os.path.exists(os.path.join(folder, LORA_WEIGHT_NAME)):
+            exports[int(match.group(1))] = folder
+    exports[max_train_steps] = run_dir  # the end-of-training export is the same weights as a last checkpoint
+    return sorted(exports.items())
+
+
+def score(result, base_rewards):
+    return {
+        "mean_reward": result["mean_reward"],
+        "win_rate": world.win_rate(result["rewards"], base_rewards),
+        "fidelity": result["fidelity"],
+    }
+
+
+def evaluate_method(pipe, args, run_dir, captions, seeds, base_rewards):
+    """Rows {step, mean_reward, win_rate, fidelity} for every LoRA export, and the final samples (N, 32, 32, 3)."""
+    rows, final_images = [], None
+    sampling = dict(reward_name=args.reward, num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale)  # fmt: skip
+    for step, folder in lora_exports(run_dir, args.max_train_steps):
+        result = world.evaluate_lora(pipe, folder, captions, seeds, **sampling)
+        rows.append({"step": step, **score(result, base_rewards)})
+        final_images = result["images"]
+        print(f"  step {step}: {rows[-1]}", flush=True)
+    return rows, final_images
+
+
+def markdown_table(args, results, base_meta, pairs_meta, num_eval_images):
+    lines = [
+        f"# Alignment benchmark: reward `{args.reward}`",
+        "",
+        f"{args.num_pairs} pairs sampled from the base model (labels {pairs_meta['label_counts']}, mean reward gap "
+        f"{pairs_meta['mean_reward_gap']}); every method: batch {args.train_batch_size}, β {args.beta_dpo:g}, "
+        f"lr {args.learning_rate:g}, LoRA rank {args.rank}, seed {args.seed}, {args.max_train_steps} steps, "
+        f"inversion by the {args.inversion_model} with {args.inversion_steps} steps, eta {args.inversion_eta:g}. "
+        f"Evaluation: {num_eval_images} samples (12 captions × {args.eval_seeds} seeds), "
+        f"{args.num_inference_steps} DDIM steps, guidance {args.guidance_scale:g}. Base model: fidelity "
+        f"{base_meta['samples']['fidelity']:.3f}, built in {base_meta['train_seconds']} s.",
+        "",
+        "| method | step | mean reward | win rate vs base | fidelity (chance 0.25) | train wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, result in results.items():
+        seconds = f"{result['train_seconds']:.0f}" if "train_seconds" in result else "–"
+        for row in result["rows"]:
+            lines.append(f"| {method} | {row['step']} | {row['mean_reward']:.4f} | {row['win_rate']:.3f} | "
+                         f"{row['fidelity']:.3f} | {seconds} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results, path, reward_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    base = results["base"]["rows"][0]
+    for method, result in results.items():
+        if method == "base":
+            continue
+        rows = [base] + result["rows"]  # every curve starts at the base model
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["mean_reward"] for r in rows], marker="o", label=method)
+        axes[1].plot(steps, [r["win_rate"] for r in rows], marker="o", label=method)
+    axes[0].set(xlabel="training step", ylabel=f"mean {reward_name}", title="Reward")
+    axes[1].set(xlabel="training step", ylabel="win rate vs base", title="Win rate (ties ½)")
+    axes[1].axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_grid(samples, eval_seeds, path):
+    """Rows: base and each method's final LoRA; columns: every caption at evaluation seed 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captions = world.ALL_CAPTIONS
+    fig, axes = plt.subplots(len(samples), len(captions), figsize=(1.1 * len(captions), 1.3 * len(samples)),
+                             squeeze=False)  # fmt: skip
+    for row, (name, images) in enumerate(samples.items()):
+        for col, caption in enumerate(captions):
+            ax = axes[row, col]
+            ax.imshow(images[col * eval_seeds])  # eval_prompts is caption-major: seed 0 of caption `col`
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(caption.removeprefix("a "), fontsize=7)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Loading a UNet-only LoRA warns about the text encoder at every evaluation; progress bars drown the table.
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    os.makedirs(args.out_dir, exist_ok=True)
+    base_dir, pairs_dir = os.path.join(args.out_dir, "base_model"), os.path.join(args.out_dir, "pairs")
+
+    base_meta = world.build_base_model(base_dir, base_config(args), num_inference_steps=args.num_inference_steps,
+                                       guidance_scale=args.guidance_scale)  # fmt: skip
+    pipe = world.load_pipeline(base_dir)
+    pairs_meta = world.make_preference_pairs(pipe, pairs_dir, args.num_pairs, args.reward, args.num_inference_steps,
+                                             args.guidance_scale, fingerprint=base_meta["fingerprint"])  # fmt: skip
+
+    captions, seeds = world.eval_prompts(args.eval_seeds)
+    sampling = dict(reward_name=args.reward, num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale)  # fmt: skip
+    base = world.evaluate(pipe, captions, seeds, **sampling)
+    results = {"base": {"rows": [{"step": 0, **score(base, base["rewards"])}]}}
+    samples = {"base": base["images"]}
+    print(f"[base] {results['base']['rows'][0]}", flush=True)
+
+    for method in args.methods:
+        run_dir = os.path.join(args.out_dir, "runs", method)
+        seconds = train(args, method, base_dir, pairs_dir, run_dir)
+        rows, samples[method] = evaluate_method(pipe, args, run_dir, captions, seeds, base["rewards"])
+        results[method] = {"train_seconds": seconds, "rows": rows}
+
+    table = markdown_table(args, results, base_meta, pairs_meta, len(captions))
+    print(table)
+    with open(os.path.join(args.out_dir, "alignment_table.md"), "w") as f:
+        f.write(table)
+    plot_curves(results, os.path.join(args.out_dir, "alignment_reward.png"), args.reward)
+    plot_grid(samples, args.eval_seeds, os.path.join(args.out_dir, "alignment_grid.png"))
+    with open(os.path.join(args.out_dir, "alignment_results.json"), "w") as f:
+        json.dump({"args": vars(args), "base_model": base_meta, "pairs": pairs_meta, "results": results}, f, indent=2)
+    print(f"Wrote alignment_table.md, alignment_reward.png, alignment_grid.png, alignment_results.json to "
+          f"{args.out_dir}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
