@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import launch, read_scalars, tiny_run_args
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
@@ -65,11 +66,25 @@ def test_full_fine_tune_saves_a_pipeline_with_a_changed_unet(tiny_sd, pickapic, 
     assert np.abs(generate(tuned) - generate(base)).mean() > 1e-5
 
 
-def test_v_prediction_model_trains(tiny_sd_vpred, pickapic, tmp_path):
+def test_v_prediction_model_trains_and_logs_validation_images(tiny_sd_vpred, pickapic, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = str(tmp_path / "run")
-    launch("train_inpo.py", *tiny_run_args(tiny_sd_vpred, pickapic, out, steps=2, inversion_endpoint="exact"))
+    launch("train_inpo.py", *tiny_run_args(tiny_sd_vpred, pickapic, out, steps=2, inversion_endpoint="exact",
+                                           run_validation=True, validation_steps=2,
+                                           validation_prompts=["a red square", "a blue circle"]))  # fmt: skip
     assert_finite_losses(out, 2)
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    images = {}
+    for root, _, files in os.walk(os.path.join(out, "logs")):
+        if any(name.startswith("events.out") for name in files):
+            events = EventAccumulator(root, size_guidance={"images": 0})
+            events.Reload()
+            images.update({tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]})
+    assert images == {"validation": [2], "final": [2]}  # one batch of the prompts' images per tag
+    grid = Image.open(os.path.join(out, "validation_grid.png"))
+    assert grid.size == (64, 32)  # two 32 px validation images side by side, from the saved LoRA
+    assert "validation_grid.png" in open(os.path.join(out, "README.md")).read()
 
 
 def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupted, tmp_path):
