@@ -5,6 +5,7 @@ A batch of B preference pairs is laid out as 2B rows, winners first: rows [0, B)
 rows [B, 2B) the rejected ones, and row i and row B + i share their caption and their timestep.
 """
 
+import argparse
 import dataclasses
 import functools
 import io
@@ -507,6 +508,10 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a watercolor painting of a lighthouse at dawn",
 ]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the scripts' usage examples as written and shows every flag's default."""
 
 
 def add_training_args(parser, default_beta, default_resolution, default_output_dir):
@@ -1085,8 +1090,10 @@ def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step
     """Generate one image per prompt with a fixed seed, log them to the trackers, return them (PIL)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed or 0)
-    images = [pipeline(prompt, num_inference_steps=25, generator=generator, height=resolution,
-                       width=resolution).images[0] for prompt in prompts]  # fmt: skip
+    # Autocast: mid-run the UNet mixes fp32 LoRA weights with half-precision base weights and the VAE is half.
+    with accelerator.autocast():
+        images = [pipeline(prompt, num_inference_steps=25, generator=generator, height=resolution,
+                           width=resolution).images[0] for prompt in prompts]  # fmt: skip
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")

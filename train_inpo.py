@@ -20,7 +20,7 @@ import inpo_utils
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=inpo_utils.HelpFormatter)
     inpo_utils.add_training_args(parser, default_beta=2000.0, default_resolution=512, default_output_dir="inpo-lora")
     args = parser.parse_args(argv)
     inpo_utils.validate_training_args(args)

@@ -22,7 +22,7 @@ import inpo_utils
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=inpo_utils.HelpFormatter)
     inpo_utils.add_training_args(parser, default_beta=5000.0, default_resolution=1024,
                                  default_output_dir="inpo-sdxl-lora")  # fmt: skip
     group = parser.add_argument_group("SDXL")

@@ -66,12 +66,12 @@ def test_full_fine_tune_saves_a_pipeline_with_a_changed_unet(tiny_sd, pickapic, 
     assert np.abs(generate(tuned) - generate(base)).mean() > 1e-5
 
 
-def test_v_prediction_model_trains_and_logs_validation_images(tiny_sd_vpred, pickapic, tmp_path):
+def test_v_prediction_bf16_run_logs_validation_images(tiny_sd_vpred, pickapic, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = str(tmp_path / "run")
     launch("train_inpo.py", *tiny_run_args(tiny_sd_vpred, pickapic, out, steps=2, inversion_endpoint="exact",
-                                           run_validation=True, validation_steps=2,
+                                           mixed_precision="bf16", run_validation=True, validation_steps=2,
                                            validation_prompts=["a red square", "a blue circle"]))  # fmt: skip
     assert_finite_losses(out, 2)
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
