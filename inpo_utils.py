@@ -1089,11 +1089,12 @@ def make_lr_scheduler(optimizer, args, num_processes):
 def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step, tag="validation"):
     """Generate one image per prompt with a fixed seed, log them to the trackers, return them (PIL)."""
     pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed or 0)
+    # Prompt i gets seed + i, as in evaluate_inpo.py, so an image does not depend on the prompts before it.
     # Autocast: mid-run the UNet mixes fp32 LoRA weights with half-precision base weights and the VAE is half.
     with accelerator.autocast():
-        images = [pipeline(prompt, num_inference_steps=25, generator=generator, height=resolution,
-                           width=resolution).images[0] for prompt in prompts]  # fmt: skip
+        images = [pipeline(prompt, num_inference_steps=25, height=resolution, width=resolution,
+                           generator=torch.Generator(device=accelerator.device).manual_seed((seed or 0) + i)).images[0]
+                  for i, prompt in enumerate(prompts)]  # fmt: skip
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
