@@ -1,7 +1,5 @@
 """Data pipeline and bad-input behaviour: every refusal says what is wrong before any model is loaded."""
 
-import io
-import logging
 
 import numpy as np
 import pyarrow as pa
