@@ -365,28 +365,40 @@ def find_problem(caption, image_bytes_0, image_bytes_1):
     return ""
 
 
-def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print):
-    """Load a Pick-a-Pic-format dataset (hub id or local folder of parquet files), validate it, drop ties and
-    unusable rows, and return it. Runs before any model is loaded, so a bad dataset fails in seconds.
-    """
+def check_pair_columns(dataset_name, column_names):
+    missing = [column for column in PAIR_COLUMNS if column not in column_names]
+    if missing:
+        raise ValueError(f"Dataset {dataset_name!r} lacks the column(s) {missing}; found {column_names}. "
+                         f"InPO needs Pick-a-Pic v2 columns {list(PAIR_COLUMNS)}: caption (str), jpg_0/jpg_1 "
+                         "(encoded image bytes), label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie).")  # fmt: skip
+
+
+def check_labels(labels):
+    bad_labels = sorted({label for label in labels if label not in (0, 0.5, 1)}, key=str)
+    if bad_labels:
+        raise ValueError(f"label_0 must be 0, 0.5 or 1; found {bad_labels[:5]}.")
+
+
+def load_split(dataset_name, split, cache_dir, streaming=False):
     import datasets
 
     try:
-        dataset = datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir, streaming=streaming)
     except ValueError as error:
         raise ValueError(f"Could not load split {split!r} of {dataset_name!r}: {error}. Pass the split that holds "
                          "your pairs with --dataset_split_name (local parquet folders: the file name prefix, "
                          "e.g. train-*.parquet is split 'train').") from error  # fmt: skip
-    missing = [column for column in PAIR_COLUMNS if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Dataset {dataset_name!r} lacks the column(s) {missing}; found {dataset.column_names}. "
-                         f"InPO needs Pick-a-Pic v2 columns {list(PAIR_COLUMNS)}: caption (str), jpg_0/jpg_1 "
-                         "(encoded image bytes), label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie).")  # fmt: skip
+
+
+def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print):
+    """Load a Pick-a-Pic-format dataset (hub id or local folder of parquet files), validate it, drop ties and
+    unusable rows, and return it. Runs before any model is loaded, so a bad dataset fails in seconds.
+    """
+    dataset = load_split(dataset_name, split, cache_dir)
+    check_pair_columns(dataset_name, dataset.column_names)
     dataset = dataset.select_columns(list(PAIR_COLUMNS))
     labels = dataset["label_0"]
-    bad_labels = sorted({label for label in labels if label not in (0, 0.5, 1)}, key=str)
-    if bad_labels:
-        raise ValueError(f"label_0 must be 0, 0.5 or 1; found {bad_labels[:5]}.")
+    check_labels(labels)
     decided = [i for i, label in enumerate(labels) if label in (0, 1)]
     num_ties = len(labels) - len(decided)
     dataset = dataset.select(decided)
@@ -457,26 +469,121 @@ class PreferencePairs(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        from PIL import Image
-
-        row = self.dataset[index]
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        crop_fraction = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
-        flip = self.hflip and bool(rng.integers(2))
-        preferred, rejected = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
-        try:
-            images = [Image.open(io.BytesIO(row[name])) for name in (preferred, rejected)]
-            transformed = [resize_and_crop(image, self.resolution, crop_fraction, flip) for image in images]
-        except (OSError, ValueError) as error:
-            logging.getLogger(__name__).warning(f"Skipping pair {index}: image does not decode ({error}).")
-            return None
-        return {
-            "index": index,
-            "caption": row["caption"],
-            "pixel_values": torch.stack([t[0] for t in transformed]),
-            "original_sizes": torch.tensor([t[1] for t in transformed]),
-            "crop_top_lefts": torch.tensor([t[2] for t in transformed]),
-        }
+        return transform_pair(self.dataset[index], index, self.resolution, rng, self.random_crop, self.hflip)
+
+
+def transform_pair(row, index, resolution, rng, random_crop, hflip):
+    """A decided Pick-a-Pic row → the example `collate_pairs` batches (preferred image first), or None when an
+    image body does not decode. Both images share the crop fractions and the flip drawn from `rng`."""
+    from PIL import Image
+
+    crop_fraction = tuple(rng.uniform(size=2)) if random_crop else (0.5, 0.5)
+    flip = hflip and bool(rng.integers(2))
+    preferred, rejected = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
+    try:
+        images = [Image.open(io.BytesIO(row[name])) for name in (preferred, rejected)]
+        transformed = [resize_and_crop(image, resolution, crop_fraction, flip) for image in images]
+    except (OSError, ValueError) as error:
+        logging.getLogger(__name__).warning(f"Skipping pair {index}: image does not decode ({error}).")
+        return None
+    return {
+        "index": index,
+        "caption": row["caption"],
+        "pixel_values": torch.stack([t[0] for t in transformed]),
+        "original_sizes": torch.tensor([t[1] for t in transformed]),
+        "crop_top_lefts": torch.tensor([t[2] for t in transformed]),
+    }
+
+
+def load_preference_stream(dataset_name, split, cache_dir, shuffle_buffer_size, seed, process_index, num_processes):
+    """This process's share of a streamed Pick-a-Pic-format dataset, shuffled through a buffer (--streaming).
+
+    Nothing is downloaded up front; the columns and the first row are checked now so a wrong dataset fails in
+    seconds. `datasets.distributed.split_dataset_by_node` gives each process whole parquet shards when their
+    number divides evenly, otherwise every num_processes-th row; the shuffle (seeded, reshuffled by `set_epoch`)
+    is identical on every process, so the shares partition each epoch.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    stream = load_split(dataset_name, split, cache_dir, streaming=True)
+    first = next(iter(stream), None)
+    if first is None:
+        raise ValueError(f"Split {split!r} of {dataset_name!r} is empty.")
+    check_pair_columns(dataset_name, stream.column_names or list(first))
+    stream = stream.select_columns(list(PAIR_COLUMNS)).shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+
+
+class StreamingPairs(torch.utils.data.IterableDataset):
+    """Transformed pairs from this process's share of a stream, epoch after epoch without end: a streaming run is
+    measured in --max_train_steps, and no process may run dry before the others (shares differ in size).
+
+    Ties and unusable rows are dropped and counted as in the map-style path (`find_problem`, then decoding); each
+    epoch ends with a log line of the counts. The position (epoch, rows read) of every process goes into
+    checkpoints; a resumed run replays its share of the epoch up to that row without decoding the images, so it
+    trains on the same pairs in the same order as an uninterrupted run.
+    """
+
+    def __init__(self, stream, resolution, random_crop, hflip, seed, accelerator):
+        self.stream = stream
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.seed = seed
+        self.accelerator = accelerator
+        self.epoch, self.rows_read = 0, 0
+
+    def __iter__(self):
+        logger = logging.getLogger(__name__)  # every process logs its own share's counts
+        while True:
+            self.stream.set_epoch(self.epoch)
+            rows = iter(self.stream)
+            resumed_at = self.rows_read
+            for _ in range(resumed_at):  # resume: rows already trained on in this epoch
+                next(rows)
+            kept, dropped = 0, {}
+            for row in rows:
+                index = self.rows_read
+                self.rows_read += 1
+                check_labels([row["label_0"]])
+                problem = "tie" if row["label_0"] == 0.5 else find_problem(row["caption"], row["jpg_0"], row["jpg_1"])
+                if not problem:
+                    rng = np.random.default_rng((self.seed, self.epoch, self.accelerator.process_index, index))
+                    example = transform_pair(row, index, self.resolution, rng, self.random_crop, self.hflip)
+                    problem = "image does not decode" if example is None else ""
+                if problem:
+                    dropped[problem] = dropped.get(problem, 0) + 1
+                    continue
+                kept += 1
+                yield example
+            ties = dropped.pop("tie", 0)
+            logger.info(f"Streamed epoch {self.epoch} on process {self.accelerator.process_index} (from row "
+                        f"{resumed_at}): {kept} pairs, {ties} ties dropped, {sum(dropped.values())} rows skipped "
+                        f"{dropped or ''}".rstrip())  # fmt: skip
+            if kept == 0 and resumed_at == 0:
+                raise ValueError(f"Process {self.accelerator.process_index}'s share of the stream holds no usable "
+                                 "pairs; check label_0 and the image bytes, or use fewer processes.")  # fmt: skip
+            self.epoch, self.rows_read = self.epoch + 1, 0
+
+    def state_dict(self):
+        # Called on every process by save_state; only the main process writes, so it must hold all positions.
+        position = torch.tensor([[self.epoch, self.rows_read]], device=self.accelerator.device)
+        return {"positions": self.accelerator.gather(position).cpu()}
+
+    def load_state_dict(self, state):
+        positions = state["positions"]
+        if len(positions) == self.accelerator.num_processes:
+            self.epoch, self.rows_read = positions[self.accelerator.process_index].tolist()
+            return
+        # Another process count splits the stream differently: the saved positions mean nothing in the new shares.
+        self.epoch, self.rows_read = int(positions[:, 0].min()), 0
+        main_process_logger().warning(
+            f"The checkpoint was written by {len(positions)} processes, this run has "
+            f"{self.accelerator.num_processes}: the stream's shares differ, so its position within the epoch cannot "
+            f"be restored. Restarting streamed epoch {self.epoch} from its beginning (pairs already trained on in "
+            "it are seen again). Resume with the same number of processes to continue exactly."
+        )  # fmt: skip
 
 
 def collate_pairs(examples):
@@ -534,6 +641,11 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--no_hflip", action="store_true", help="Do not flip pairs horizontally at random.")
     group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                        help="Fraction of captions replaced by '' (the InPO authors' script uses 0.2).")  # fmt: skip
+    group.add_argument("--streaming", action="store_true",
+                       help="Stream the dataset (datasets' streaming mode) instead of downloading it first, for "
+                            "datasets larger than the disk; needs --max_train_steps.")  # fmt: skip
+    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                       help="With --streaming: pairs held in memory to shuffle from (Pick-a-Pic: ~1 MB each).")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
 
@@ -660,10 +772,44 @@ def validate_training_args(args):
                             "(or train online without --inversion_cache_dir).")  # fmt: skip
     if args.cache_shard_size < 1:
         problems.append("--cache_shard_size must be at least 1.")
+    if args.streaming:
+        if args.max_train_steps is None:
+            problems.append("--streaming needs --max_train_steps: a stream's length is unknown until it is read.")
+        if args.max_train_samples is not None:
+            problems.append("--max_train_samples does not apply to --streaming; bound the run with "
+                            "--max_train_steps.")  # fmt: skip
+        if args.dataloader_num_workers > 0:
+            problems.append("--streaming reads in the training process (workers would split the stream by file and "
+                            "lose the resume position); drop --dataloader_num_workers.")  # fmt: skip
+        if args.inversion_cache_dir is not None:
+            problems.append("--streaming does not combine with the inversion cache: precompute from a downloaded "
+                            "dataset, then train from the cache (it is already local).")  # fmt: skip
+        if args.shuffle_buffer_size < 1:
+            problems.append("--shuffle_buffer_size must be at least 1.")
     if problems:
         raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
     if args.inversion_model is None:
         args.inversion_model = "reference" if args.inversion_cache_dir is not None else "policy"
+
+
+def check_sharding(args, accelerator):
+    """Refuse what FSDP cannot run, before any weights load. (DeepSpeed ZeRO-2 shards only optimizer states and
+    gradients, so every process still holds whole weights and everything else works as under DDP.)"""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    problems = []
+    if args.train_mode == "lora":
+        problems.append("FSDP is for --train_mode full. LoRA adapters are small, and their reference is the same "
+                        "UNet with the adapters off, which FSDP's shards cannot be called as: use DDP "
+                        "(accelerate_configs/ddp_8gpu.yaml) or DeepSpeed ZeRO-2.")  # fmt: skip
+    elif args.latent_source == "inversion" and args.inversion_model == "policy" and args.inversion_cache_dir is None:
+        problems.append("Under FSDP every process must make the same UNet calls, but inverting with the policy "
+                        "calls it once per grid point below each pair's t, which differs between processes. Pass "
+                        "--inversion_model reference (the frozen copy, outside FSDP), or use DeepSpeed ZeRO-2.")  # fmt: skip
+    if problems:
+        raise ValueError("Not supported under FSDP:\n  " + "\n  ".join(problems))
 
 
 def check_local_pipeline(args, is_sdxl):
@@ -765,7 +911,8 @@ class StepRandomness:
     def load_state_dict(self, state):
         states = state["states"]
         if self.accelerator.process_index < len(states):  # a process the checkpoint lacks keeps its fresh seed
-            self.generator.set_state(states[self.accelerator.process_index].to(self.generator.get_state().device))
+            # clone: set_state on a row view (non-zero storage offset) crashes torch 2.13 with a segfault
+            self.generator.set_state(states[self.accelerator.process_index].clone().to(self.generator.get_state().device))
 
 
 def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
@@ -837,6 +984,11 @@ def register_checkpoint_hooks(accelerator, args, pipeline_cls):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return  # accelerate saves and restores FSDP's shards itself; the unwrapped module holds only one shard
+
     def save_hook(models, weights, output_dir):
         for model in models:
             model = accelerator.unwrap_model(model)
@@ -848,6 +1000,8 @@ def register_checkpoint_hooks(accelerator, args, pipeline_cls):
                 weights.pop()
 
     def load_hook(models, input_dir):
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return  # the engine restores its weights (and fp32 master copies) from its own checkpoint
         while models:
             model = accelerator.unwrap_model(models.pop())
             if args.train_mode == "lora":
@@ -987,9 +1141,13 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
     """
     from tqdm.auto import tqdm
 
+    from accelerate.utils import send_to_device
+
     logger = main_process_logger()
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    # A stream runs its own epochs without end and restores its position from the checkpoint itself.
+    streaming = isinstance(pairs, torch.utils.data.IterableDataset)
+    updates_per_epoch = math.inf if streaming else math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = 1 if streaming else math.ceil(args.max_train_steps / updates_per_epoch)
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None and args.resume_from_checkpoint:
@@ -998,11 +1156,13 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(checkpoint)
         global_step = int(os.path.basename(checkpoint)[len(CHECKPOINT_PREFIX):])
-        first_epoch = global_step // updates_per_epoch
-        batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+        if not streaming:
+            first_epoch = global_step // updates_per_epoch
+            batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** InPO training *****  pairs = {len(pairs)}, epochs = {num_epochs}, pairs per device "
+    num_pairs = "streamed" if streaming else len(pairs)
+    logger.info(f"***** InPO training *****  pairs = {num_pairs}, epochs = {num_epochs}, pairs per device "
                 f"per micro-batch = {args.train_batch_size}, total pairs per step (processes x accumulation) = "
                 f"{total_batch}, optimizer steps = {args.max_train_steps}, starting at step {global_step}")  # fmt: skip
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
@@ -1012,9 +1172,12 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
     window_is_finite, nonfinite_steps = True, 0
     for epoch in range(first_epoch, num_epochs):
         unet.train()
-        pairs.set_epoch(epoch)
-        dataloader.set_epoch(epoch)
-        epoch_loader = dataloader
+        if streaming:  # not prepared by accelerate: each process already reads its own share
+            epoch_loader = (send_to_device(batch, accelerator.device) for batch in dataloader)
+        else:
+            pairs.set_epoch(epoch)
+            dataloader.set_epoch(epoch)
+            epoch_loader = dataloader
         if epoch == first_epoch and batches_to_skip:
             epoch_loader = accelerator.skip_first_batches(dataloader, batches_to_skip)
         for batch in epoch_loader:
@@ -1197,9 +1360,11 @@ class InpoStep:
 
 
 def make_dataloader(pairs, collate_fn, args):
-    """Shuffled batches of pairs; `accelerator.prepare` then gives each process its own share of every epoch."""
-    return torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
-                                       num_workers=args.dataloader_num_workers)  # fmt: skip
+    """Shuffled batches of pairs; `accelerator.prepare` then gives each process its own share of every epoch.
+    A stream (StreamingPairs) shuffles and splits itself."""
+    streaming = isinstance(pairs, torch.utils.data.IterableDataset)
+    return torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=not streaming,
+                                       collate_fn=collate_fn, num_workers=args.dataloader_num_workers)  # fmt: skip
 
 
 def check_replicas_in_sync(accelerator, params):
@@ -1220,6 +1385,8 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
     make_step(unet, reference, inverse_scheduler, generator) -> a callable batch -> (loss, metrics).
     make_pipeline(**components) -> the family's pipeline on the base model with `components` swapped in.
     """
+    from accelerate.utils import DistributedType
+    from diffusers import UNet2DConditionModel
     from diffusers.utils.torch_utils import is_compiled_module
 
     seed = 0 if args.seed is None else args.seed
@@ -1229,13 +1396,22 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
     register_checkpoint_hooks(accelerator, args, family.pipeline_cls)
     randomness = StepRandomness(seed, accelerator)
     accelerator.register_for_checkpointing(randomness)
+    streaming = isinstance(pairs, StreamingPairs)
+    if streaming:
+        accelerator.register_for_checkpointing(pairs)
     dataloader = make_dataloader(pairs, collate_fn, args)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = make_optimizer(trainable, args)
-    resolve_max_train_steps(args, len(dataloader) / accelerator.num_processes)
+    if not streaming:  # --streaming requires --max_train_steps
+        resolve_max_train_steps(args, len(dataloader) / accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if streaming:  # each process already reads its own share; DeepSpeed learns the batch size from the config
+        if accelerator.state.deepspeed_plugin is not None:
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     if accelerator.is_main_process:
         write_run_settings(args, family.is_sdxl)
         config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
@@ -1245,19 +1421,33 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
         policy = accelerator.unwrap_model(unet)
         return policy._orig_mod if is_compiled_module(policy) else policy
 
+    def exportable_policy():
+        """The policy with whole weights on the main process (None elsewhere). Call on every process: under FSDP
+        it gathers the shards into a fresh UNet."""
+        if accelerator.distributed_type != DistributedType.FSDP:
+            return unwrapped_policy() if accelerator.is_main_process else None
+        weights = accelerator.get_state_dict(unet)
+        if not accelerator.is_main_process:
+            return None
+        policy = UNet2DConditionModel.from_config(unwrapped_policy().config)
+        policy.load_state_dict(weights)
+        return policy.to(accelerator.device)
+
     def validate(global_step):
+        policy = exportable_policy()
         if accelerator.is_main_process:
-            log_validation_images(accelerator, make_pipeline(unet=unwrapped_policy()), args.validation_prompts,
-                                  args.seed, args.resolution, global_step)  # fmt: skip
+            log_validation_images(accelerator, make_pipeline(unet=policy), args.validation_prompts, args.seed,
+                                  args.resolution, global_step)  # fmt: skip
             unet.train()
 
     step = make_step(unet, reference, inverse_scheduler, randomness.generator)
     train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step, validate, trainable)
-    check_replicas_in_sync(accelerator, trainable)
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP's processes hold different shards by design
+        check_replicas_in_sync(accelerator, trainable)
 
     accelerator.wait_for_everyone()
+    policy = exportable_policy()
     if accelerator.is_main_process:
-        policy = unwrapped_policy()
         if args.train_mode == "lora":
             family.pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
             # Validate what users will load: the saved file on a fresh base pipeline.
@@ -1619,11 +1809,13 @@ def run(args, family):
     logger = get_logger(__name__)
     accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
+    check_sharding(args, accelerator)
 
     # Cheap checks first (model family and prediction type from configs, then the data), weights last.
     scheduler_config = check_model_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
                                           want_sdxl=family.is_sdxl)  # fmt: skip
     check_local_pipeline(args, family.is_sdxl)
+    seed = 0 if args.seed is None else args.seed
     if not args.precompute_inversion_cache:
         check_output_dir(args, family.is_sdxl)
     from_cache = args.inversion_cache_dir is not None and not args.precompute_inversion_cache
@@ -1634,10 +1826,18 @@ def run(args, family):
         logger.info(f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
                     "encoder, reference forward or inversion per step.")  # fmt: skip
         frozen = {}
+    elif args.streaming:
+        stream = load_preference_stream(args.dataset_name, args.dataset_split_name, args.cache_dir,
+                                        args.shuffle_buffer_size, seed, accelerator.process_index,
+                                        accelerator.num_processes)  # fmt: skip
+        pairs = StreamingPairs(stream, args.resolution, args.random_crop, not args.no_hflip, seed, accelerator)
+        collate_fn = collate_pairs
+        frozen = family.load_frozen_models(args, accelerator)
     else:
         with accelerator.main_process_first():
             dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir,
                                               args.max_train_samples, args.seed, log=logger.info)  # fmt: skip
+        pairs, collate_fn = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed), collate_pairs
         frozen = family.load_frozen_models(args, accelerator)
     unet = load_unet(args)
 
@@ -1658,8 +1858,5 @@ def run(args, family):
         return family.make_step(frozen, args=args, accelerator=accelerator, unet=unet, reference=reference,
                                 inverse_scheduler=inverse_scheduler, generator=generator)  # fmt: skip
 
-    if not from_cache:
-        seed = 0 if args.seed is None else args.seed
-        pairs, collate_fn = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed), collate_pairs
     run_training(args, accelerator, family, scheduler_config, pairs, collate_fn, unet, make_step,
                  functools.partial(family.make_pipeline, args, accelerator, **frozen))  # fmt: skip

@@ -1,23 +1,40 @@
-"""Run under torchrun by test_distributed.py: which pairs does each process read in two epochs?"""
+"""Run under torchrun by test_distributed.py: which pairs does each process read in two epochs?
 
+Map-style: pair indices from the prepared data loader. --streaming: a digest of each pair's pixels (no flips),
+read from StreamingPairs until its third epoch begins, so pairs can be matched across processes and epochs.
+"""
+
+import hashlib
 import json
 import sys
 
 import torch
+from accelerate.utils import gather_object
 
 import inpo_utils
 import train_inpo
 
 args = train_inpo.parse_args(sys.argv[1:])
 accelerator = inpo_utils.make_accelerator(args)
-dataset = inpo_utils.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
-pairs = inpo_utils.PreferencePairs(dataset, args.resolution, seed=args.seed)
-dataloader = accelerator.prepare(inpo_utils.make_dataloader(pairs, inpo_utils.collate_pairs, args))
 epochs = []
-for epoch in range(2):
-    pairs.set_epoch(epoch)
-    dataloader.set_epoch(epoch)
-    mine = torch.cat([batch["indices"] for batch in dataloader])
-    epochs.append(accelerator.gather(mine[None]).tolist())  # (processes, pairs per process)
+if args.streaming:
+    stream = inpo_utils.load_preference_stream(args.dataset_name, "train", None, args.shuffle_buffer_size, args.seed,
+                                               accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    pairs = inpo_utils.StreamingPairs(stream, args.resolution, False, False, args.seed, accelerator)
+    mine = [[], []]
+    for example in pairs:
+        if pairs.epoch == 2:
+            break
+        mine[pairs.epoch].append(hashlib.sha1(example["pixel_values"].numpy().tobytes()).hexdigest()[:12])
+    epochs = [gather_object([per_epoch]) for per_epoch in mine]
+else:
+    dataset = inpo_utils.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
+    pairs = inpo_utils.PreferencePairs(dataset, args.resolution, seed=args.seed)
+    dataloader = accelerator.prepare(inpo_utils.make_dataloader(pairs, inpo_utils.collate_pairs, args))
+    for epoch in range(2):
+        pairs.set_epoch(epoch)
+        dataloader.set_epoch(epoch)
+        mine = torch.cat([batch["indices"] for batch in dataloader])
+        epochs.append(accelerator.gather(mine[None]).tolist())  # (processes, pairs per process)
 if accelerator.is_main_process:
     print("EPOCHS=" + json.dumps(epochs))

@@ -104,6 +104,9 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"max_train_steps": 0}, "--max_train_steps must be at least 1"),
         ({"resume_from_checkpoint": "/nowhere/checkpoint-7"}, "does not exist"),
         ({"report_to": "wandb", "hub_token": "hf_secret"}, "leak the token"),
+        ({"streaming": True, "max_train_steps": None}, "--streaming needs --max_train_steps"),
+        ({"streaming": True, "dataloader_num_workers": 2}, "drop --dataloader_num_workers"),
+        ({"streaming": True, "max_train_samples": 4}, "bound the run with --max_train_steps"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):

@@ -2,18 +2,38 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import types
 
+import pytest
+import torch
 from conftest import REPO, launch, read_scalars, tiny_run_args
+from safetensors.torch import load_file
+
+import inpo_utils
 
 
-def torchrun(script, *args, nproc=2):
+# ZeRO-2 on every process, as accelerate_configs/deepspeed_zero2.yaml sets it (without accumulation or fp16).
+DEEPSPEED_ZERO2_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+}  # fmt: skip
+
+
+def torchrun(script, *args, nproc=2, deepspeed=False):
     """`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 script`: the launch form that gives accelerate a
-    MULTI_CPU (gloo) run here; `accelerate launch --cpu --num_processes 2` runs one process only."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533",
-               os.path.join(REPO, script), *map(str, args)]  # fmt: skip
+    MULTI_CPU (gloo) run here; `accelerate launch --cpu --num_processes 2` runs one process only. With
+    `deepspeed`, ZeRO-2 through tests/deepspeed_cpu.py instead."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.update(DEEPSPEED_ZERO2_ENV if deepspeed else {"ACCELERATE_USE_CPU": "1"})
+    shim = [os.path.join(REPO, "tests", "deepspeed_cpu.py")] if deepspeed else []
+    # --standalone: a free port per run, so test workers running side by side do not collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *shim, os.path.join(REPO, script), *map(str, args)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return result
@@ -28,18 +48,81 @@ def test_each_pair_is_read_exactly_once_per_epoch_across_processes(tiny_sd, pick
     assert epochs[0] != epochs[1]  # a new shuffle each epoch
 
 
-def test_two_process_sd_run_then_one_process_resume(tiny_sd, pickapic, tmp_path):
+def resumed_from_copy(checkpoint, folder):
+    """A fresh output folder holding only `checkpoint` (and the run settings), as after a crash right after it."""
+    os.makedirs(folder)
+    shutil.copytree(checkpoint, os.path.join(folder, os.path.basename(checkpoint)))
+    shutil.copy(os.path.join(os.path.dirname(checkpoint), "inpo_run.json"), folder)
+    return folder
+
+
+def assert_same_lora(expected_dir, got_dir):
+    expected, got = (load_file(os.path.join(d, "pytorch_lora_weights.safetensors")) for d in (expected_dir, got_dir))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_two_process_sd_run_resumes_exactly_in_two_processes_and_continues_in_one(tiny_sd, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2))
+    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1))
     log = result.stderr
     assert "Num processes: 2" in log and "total pairs per step (processes x accumulation) = 4" in log
     assert "Trained weights identical on all 2 processes" in log
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "random_states_1.pkl"))
+    # Both processes restore their own generator streams: the resumed step 2 equals the uninterrupted one.
+    again = resumed_from_copy(os.path.join(out, "checkpoint-1"), str(tmp_path / "again"))
+    torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
+                                             resume_from_checkpoint="latest"))  # fmt: skip
+    assert_same_lora(out, again)
     resumed = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=2,
                                                      resume_from_checkpoint="latest"))  # fmt: skip
     assert "Resuming from" in resumed.stdout + resumed.stderr
     assert os.path.isdir(os.path.join(out, "checkpoint-4"))
     assert sorted(read_scalars(out, "loss")) == [1, 2, 3, 4]
+
+
+def test_deepspeed_zero2_full_fine_tune_exports_a_loadable_pipeline(tiny_sd, pickapic, tmp_path):
+    pytest.importorskip("deepspeed")
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = str(tmp_path / "run")
+    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2,
+                                                      train_mode="full", learning_rate=1e-4), deepspeed=True)  # fmt: skip
+    assert "DistributedType.DEEPSPEED" in result.stderr and "Trained weights identical on all 2 processes" in result.stderr
+    tuned = StableDiffusionPipeline.from_pretrained(out).unet
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert len(changed) > len(list(base.parameters())) // 2
+    saved = UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-2"), subfolder="unet")
+    assert all(torch.equal(p, saved.get_parameter(n)) for n, p in tuned.named_parameters())
+
+
+def test_deepspeed_zero2_lora_resumes_exactly_and_loads_in_diffusers(tiny_sd, pickapic, tmp_path):
+    pytest.importorskip("deepspeed")
+    from diffusers import StableDiffusionPipeline
+
+    out = str(tmp_path / "run")
+    torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1), deepspeed=True)
+    again = resumed_from_copy(os.path.join(out, "checkpoint-1"), str(tmp_path / "again"))
+    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
+                                                      resume_from_checkpoint="latest"), deepspeed=True)  # fmt: skip
+    assert "Loading DeepSpeed Model and Optimizer" in result.stderr
+    assert_same_lora(out, again)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(out)
+    assert pipe.get_active_adapters()
+
+
+def test_fsdp_refuses_what_it_cannot_run():
+    from accelerate.utils import DistributedType
+
+    fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
+    settings = dict(train_mode="full", latent_source="inversion", inversion_model="reference", inversion_cache_dir=None)
+    inpo_utils.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
+    with pytest.raises(ValueError, match="FSDP is for --train_mode full"):
+        inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)
+    with pytest.raises(ValueError, match="--inversion_model reference"):
+        inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
 
 
 def test_two_process_sdxl_run(tiny_sdxl, pickapic, tmp_path):
