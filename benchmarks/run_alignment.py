@@ -3,9 +3,9 @@
     python benchmarks/run_alignment.py            # default settings, < 30 min on 2 CPU cores
     python benchmarks/run_alignment.py --quick    # smoke test of the whole path (~1 min)
 
-The base model and the pairs are cached under --out_dir, keyed by fingerprint. Measured on 2 shared CPU cores:
-the default run takes ~8.5 min once they exist; building them first adds ~5 min (base model) and ~1-2 min (512
-pairs) on idle cores, several times more when other jobs load the cores.
+The base model and the pairs are cached under --out_dir, keyed by fingerprint. Measured on 2 lightly loaded CPU
+cores: 14 min from an empty --out_dir, of which the base model takes ~6 min and the 512 pairs ~1.3 min. When other
+jobs load the cores, run with OMP_NUM_THREADS=1: two threads per process on busy cores make tiny models crawl.
 
 Steps: pretrain (or load) the tiny base model of alignment_world.py, sample preference pairs from it labelled by
 the reward, then train every method with train_inpo.py on the same pairs with the same β, learning rate, LoRA
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval_every", type=int, default=50, help="Checkpoint (and evaluation) interval in steps.")
     parser.add_argument("--eval_seeds", type=int, default=8, help="Evaluation seeds per caption (12 captions).")
     parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=3e-4,
+                        help="From sweep_alignment.py: the largest InPO gain at which no aligning method collapsed.")
     parser.add_argument("--beta_dpo", type=float, default=1000.0)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -145,10 +146,8 @@ def score(result, base_rewards):
 def evaluate_method(pipe, args, run_dir, captions, seeds, base_rewards):
     """Rows {step, mean_reward, win_rate, fidelity} for every LoRA export, and the final samples (N, 32, 32, 3)."""
     rows, final_images = [], None
-    sampling = dict(reward_name=args.reward, num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale)  # fmt: skip
     for step, folder in lora_exports(run_dir, args.max_train_steps):
-        result = world.evaluate_lora(pipe, folder, captions, seeds, **sampling)
+        result = world.evaluate_lora(pipe, folder, captions, seeds, **sampling_kwargs(args))
         rows.append({"step": step, **score(result, base_rewards)})
         final_images = result["images"]
         print(f"  step {step}: {rows[-1]}", flush=True)
@@ -227,24 +226,39 @@ def plot_grid(samples, eval_seeds, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def sampling_kwargs(args):
+    return dict(reward_name=args.reward, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale)  # fmt: skip
+
+
+def prepare_world(args, model_config=None):
+    """Build (or load from the cache) the base model (`model_config`: a BaseModelConfig, by default
+    `base_config(args)`) and the pairs; returns (pipe, base_meta, pairs_meta, (base_dir, pairs_dir)).
+    """
     # Loading a UNet-only LoRA warns about the text encoder at every evaluation; progress bars drown the table.
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     os.makedirs(args.out_dir, exist_ok=True)
     base_dir, pairs_dir = os.path.join(args.out_dir, "base_model"), os.path.join(args.out_dir, "pairs")
-
-    base_meta = world.build_base_model(base_dir, base_config(args), num_inference_steps=args.num_inference_steps,
+    base_meta = world.build_base_model(base_dir, model_config or base_config(args),
+                                       num_inference_steps=args.num_inference_steps,
                                        guidance_scale=args.guidance_scale)  # fmt: skip
     pipe = world.load_pipeline(base_dir)
     pairs_meta = world.make_preference_pairs(pipe, pairs_dir, args.num_pairs, args.reward, args.num_inference_steps,
                                              args.guidance_scale, fingerprint=base_meta["fingerprint"])  # fmt: skip
+    return pipe, base_meta, pairs_meta, (base_dir, pairs_dir)
 
+
+def main(argv=None, model_config=None):
+    """Run the benchmark (on a base model built from `model_config`, by default `base_config(args)`).
+
+    Returns {"base" or method: {"rows": [{step, mean_reward, win_rate, fidelity}, ...], ...}}.
+    """
+    args = parse_args(argv)
+    start = time.time()
+    pipe, base_meta, pairs_meta, (base_dir, pairs_dir) = prepare_world(args, model_config)
     captions, seeds = world.eval_prompts(args.eval_seeds)
-    sampling = dict(reward_name=args.reward, num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale)  # fmt: skip
-    base = world.evaluate(pipe, captions, seeds, **sampling)
+    base = world.evaluate(pipe, captions, seeds, **sampling_kwargs(args))
     results = {"base": {"rows": [{"step": 0, **score(base, base["rewards"])}]}}
     samples = {"base": base["images"]}
     print(f"[base] {results['base']['rows'][0]}", flush=True)
@@ -262,9 +276,11 @@ def main(argv=None):
     plot_curves(results, os.path.join(args.out_dir, "alignment_reward.png"), args.reward)
     plot_grid(samples, args.eval_seeds, os.path.join(args.out_dir, "alignment_grid.png"))
     with open(os.path.join(args.out_dir, "alignment_results.json"), "w") as f:
-        json.dump({"args": vars(args), "base_model": base_meta, "pairs": pairs_meta, "results": results}, f, indent=2)
+        json.dump({"args": vars(args), "base_model": base_meta, "pairs": pairs_meta, "results": results,
+                   "total_seconds": round(time.time() - start, 1)}, f, indent=2)  # fmt: skip
     print(f"Wrote alignment_table.md, alignment_reward.png, alignment_grid.png, alignment_results.json to "
-          f"{args.out_dir}")  # fmt: skip
+          f"{args.out_dir} ({time.time() - start:.0f} s in all)")  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":
