@@ -62,18 +62,13 @@ def assert_same_lora(expected_dir, got_dir):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
-def test_two_process_sd_run_resumes_exactly_in_two_processes_and_continues_in_one(tiny_sd, pickapic, tmp_path):
+def test_two_process_sd_run_then_one_process_resume(tiny_sd, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1))
+    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2))
     log = result.stderr
     assert "Num processes: 2" in log and "total pairs per step (processes x accumulation) = 4" in log
     assert "Trained weights identical on all 2 processes" in log
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "random_states_1.pkl"))
-    # Both processes restore their own generator streams: the resumed step 2 equals the uninterrupted one.
-    again = resumed_from_copy(os.path.join(out, "checkpoint-1"), str(tmp_path / "again"))
-    torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
-                                             resume_from_checkpoint="latest"))  # fmt: skip
-    assert_same_lora(out, again)
     resumed = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=2,
                                                      resume_from_checkpoint="latest"))  # fmt: skip
     assert "Resuming from" in resumed.stdout + resumed.stderr
@@ -97,7 +92,8 @@ def test_deepspeed_zero2_full_fine_tune_exports_a_loadable_pipeline(tiny_sd, pic
     assert all(torch.equal(p, saved.get_parameter(n)) for n, p in tuned.named_parameters())
 
 
-def test_deepspeed_zero2_lora_resumes_exactly_and_loads_in_diffusers(tiny_sd, pickapic, tmp_path):
+def test_deepspeed_zero2_lora_resumes_exactly_in_two_processes_and_loads_in_diffusers(tiny_sd, pickapic, tmp_path):
+    # Also the regression test for resuming any 2-process checkpoint in 2 processes (rank 1's generator state).
     pytest.importorskip("deepspeed")
     from diffusers import StableDiffusionPipeline
 
