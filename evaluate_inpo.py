@@ -49,7 +49,7 @@ import json
 import os
 import re
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -473,8 +473,8 @@ class TunedModel(NamedTuple):
 
     kind: str
     path: str
-    weight_name: Optional[str] = None
-    subfolder: Optional[str] = None
+    weight_name: str | None = None
+    subfolder: str | None = None
 
 
 def resolve_tuned(path, tuned_type, subfolder):

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -839,7 +839,7 @@ def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_
                                                        revision=revision, cache_dir=cache_dir)  # fmt: skip
         scheduler_config = DDIMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler",
                                                      revision=revision, cache_dir=cache_dir)  # fmt: skip
-    except (OSError, EnvironmentError) as error:
+    except OSError as error:
         raise ValueError(f"{pretrained_model_name_or_path!r} is not a diffusers pipeline with unet/ and scheduler/ "
                          f"subfolders: {error}") from error  # fmt: skip
     is_sdxl = unet_config.get("addition_embed_type") == "text_time"
@@ -979,12 +979,11 @@ def lora_layers(unet):
 def register_checkpoint_hooks(accelerator, args, pipeline_cls):
     """Make `save_state` write the LoRA in diffusers' format (or the full UNet) instead of a pickled state dict,
     and `load_state` read it back, keeping trainable parameters in fp32."""
+    from accelerate.utils import DistributedType
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
-
-    from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
         return  # accelerate saves and restores FSDP's shards itself; the unwrapped module holds only one shard
@@ -1139,9 +1138,8 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
     `step_loss(batch) -> (loss, metrics)` is the script's step; `on_validation(global_step)` makes images.
     Returns the final global step.
     """
-    from tqdm.auto import tqdm
-
     from accelerate.utils import send_to_device
+    from tqdm.auto import tqdm
 
     logger = main_process_logger()
     # A stream runs its own epochs without end and restores its position from the checkpoint itself.
@@ -1791,8 +1789,8 @@ class ModelFamily:
 
 def weight_loading_kwargs(args):
     """from_pretrained kwargs for weights: safetensors only unless --allow_unsafe_pickle_weights."""
-    return dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-                use_safetensors=None if args.allow_unsafe_pickle_weights else True)  # fmt: skip
+    return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir,
+                "use_safetensors": None if args.allow_unsafe_pickle_weights else True}  # fmt: skip
 
 
 def load_unet(args):

@@ -29,7 +29,7 @@ def parse_args(argv=None):
 
 def load_frozen_models(args, accelerator):
     """Tokenizer, text encoder and VAE, frozen in the mixed-precision dtype, keyed by their pipeline names."""
-    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
     weights = inpo_utils.weight_loading_kwargs(args)
     path = args.pretrained_model_name_or_path
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)

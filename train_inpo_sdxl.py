@@ -49,7 +49,7 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, resolution):
 
 def load_frozen_models(args, accelerator):
     """Both tokenizers and text encoders and the VAE, frozen, keyed by their pipeline names."""
-    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
     weights = inpo_utils.weight_loading_kwargs(args)
     path = args.pretrained_model_name_or_path
     frozen = {

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 # demo.py (repository root) holds the tiny tokenizer and the PNG encoder the rest of the project uses.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demo import encode_png, write_tiny_clip_tokenizer  # noqa: E402
+from demo import encode_png, write_tiny_clip_tokenizer
 
 # Bump when rendering, reward or training code changes, so cached models and pair datasets are rebuilt.
 WORLD_VERSION = "1"
@@ -524,8 +524,8 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
     Prompts cycle through ALL_CAPTIONS. Skipped if `folder` already holds pairs with the same fingerprint (pass
     the base model's fingerprint so new base models invalidate old pairs). Returns the pair metadata.
     """
-    settings = dict(num_pairs=num_pairs, reward=reward_name, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, base=fingerprint, world_version=WORLD_VERSION)  # fmt: skip
+    settings = {"num_pairs": num_pairs, "reward": reward_name, "num_inference_steps": num_inference_steps,
+                    "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION}  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta = _read_meta(folder)
     if meta is not None and meta.get("fingerprint") == key:
@@ -540,7 +540,7 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
     rewards_0 = reward_of(reward_name, images_0, captions)
     rewards_1 = reward_of(reward_name, images_1, captions)
     labels = [_label(r0, r1) for r0, r1 in zip(rewards_0, rewards_1)]
-    to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)  # noqa: E731
+    to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
     write_pairs_parquet(folder, captions, to_uint8(images_0), to_uint8(images_1), labels)
     gap = np.abs(rewards_0 - rewards_1)
     meta = {

@@ -25,9 +25,9 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import inpo_utils  # noqa: E402
-from benchmarks import alignment_world as world  # noqa: E402
-from benchmarks import run_alignment  # noqa: E402
+import inpo_utils
+from benchmarks import alignment_world as world
+from benchmarks import run_alignment
 
 SOURCES = {"inpo_grid": ("inversion", "grid"), "inpo_exact": ("inversion", "exact"),
            "diffusion_dpo": ("forward", "grid")}  # fmt: skip
@@ -50,7 +50,7 @@ def load_pairs(pipe, pairs_dir, num_pairs):
 
     table = pq.read_table(os.path.join(pairs_dir, "train-00000-of-00001.parquet")).to_pylist()
     rows = [r for r in table if r["label_0"] in (0.0, 1.0)][:num_pairs]
-    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
+    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     winners = [decode(r["jpg_0"] if r["label_0"] == 1.0 else r["jpg_1"]) for r in rows]
     losers = [decode(r["jpg_1"] if r["label_0"] == 1.0 else r["jpg_0"]) for r in rows]
     pixels = world._to_model_range(np.stack(winners + losers))

@@ -30,7 +30,7 @@ import time
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import alignment_world as world  # noqa: E402
+from benchmarks import alignment_world as world
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -43,7 +43,7 @@ METHODS = {
 }
 
 # --quick: every stage runs, on sizes that only check the plumbing (the numbers mean nothing).
-QUICK = dict(num_pairs=16, max_train_steps=4, eval_every=2, eval_seeds=1, train_batch_size=2, num_inference_steps=4)
+QUICK = {"num_pairs": 16, "max_train_steps": 4, "eval_every": 2, "eval_seeds": 1, "train_batch_size": 2, "num_inference_steps": 4}
 QUICK_BASE = world.BaseModelConfig(num_train_images=256, vae_steps=20, unet_steps=20)
 
 
@@ -113,7 +113,7 @@ def train(args, method, base_dir, pairs_dir, run_dir):
     print(f"[{method}] training: {' '.join(command)}", flush=True)
     start = time.time()
     with open(log_path, "w") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.time() - start
     if result.returncode != 0:
         with open(log_path) as log:
@@ -227,8 +227,8 @@ def plot_grid(samples, eval_seeds, path):
 
 
 def sampling_kwargs(args):
-    return dict(reward_name=args.reward, num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale)  # fmt: skip
+    return {"reward_name": args.reward, "num_inference_steps": args.num_inference_steps,
+                "guidance_scale": args.guidance_scale}  # fmt: skip
 
 
 def prepare_world(args, model_config=None):

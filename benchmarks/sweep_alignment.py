@@ -22,8 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import alignment_world as world  # noqa: E402
-from benchmarks import run_alignment  # noqa: E402
+from benchmarks import alignment_world as world
+from benchmarks import run_alignment
 
 # (learning rate, β, LoRA rank): the old benchmark default (1e-3, 1000, 8) collapsed InPO, so the grid walks the
 # learning rate down and β up from it, then tries other ranks at the chosen setting (3e-4, 1000).
@@ -155,7 +155,7 @@ def main(argv=None):
                                                 base["rewards"])  # fmt: skip
         summaries[key], seconds[key] = summarise(rows, base_row["fidelity"]), train_seconds
         all_rows[f"{setting_name(setting)}/{method}"] = rows
-        order = lambda k: (args.settings.index(k[0]), args.methods.index(k[1]))  # noqa: E731
+        order = lambda k: (args.settings.index(k[0]), args.methods.index(k[1]))
         ordered = {k: summaries[k] for k in sorted(summaries, key=order)}
         with open(os.path.join(sweep_dir, "sweep_table.md"), "w") as f:
             f.write(markdown_table(args, base_row, ordered, seconds))

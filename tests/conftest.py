@@ -9,14 +9,14 @@ import pytest
 # One thread per process: on a 2-core machine, torch's default thread pool oversubscribes the cores as soon as a
 # subprocess runs beside pytest, and tiny models then run 10-30x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import demo  # noqa: E402
+import demo
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def launch(script, *args, num_processes=1, check=True):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--cpu",
                "--num_cpu_threads_per_process", "1",
                os.path.join(REPO, script), *map(str, args)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

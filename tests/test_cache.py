@@ -13,7 +13,7 @@ import train_inpo
 
 
 def cache_args(model, data, cache_dir, **overrides):
-    flags = dict(inversion_eta=0.0, inversion_cache_dir=cache_dir, cache_shard_size=3, cache_dtype="fp32")
+    flags = {"inversion_eta": 0.0, "inversion_cache_dir": cache_dir, "cache_shard_size": 3, "cache_dtype": "fp32"}
     flags.update(overrides)
     return train_inpo.parse_args(tiny_run_args(model, data, os.path.join(cache_dir, "out"), **flags))
 
@@ -145,7 +145,7 @@ def test_training_from_cache_needs_neither_vae_nor_text_encoder(tiny_sd, pickapi
     model = str(tmp_path / "model")
     shutil.copytree(tiny_sd, model)
     cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
-    flags = dict(inversion_eta=0.0, inversion_cache_dir=cache, cache_timesteps="per_pair")
+    flags = {"inversion_eta": 0.0, "inversion_cache_dir": cache, "cache_timesteps": "per_pair"}
     launch("train_inpo.py", *tiny_run_args(model, pickapic, out, precompute_inversion_cache=True, **flags))
     assert os.path.isfile(os.path.join(cache, "manifest.json"))
     shutil.rmtree(os.path.join(model, "vae"))

@@ -83,11 +83,11 @@ def tiny_clip(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("tiny-clip"))
     tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer-src"))
-    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                       pad_token_id=1)  # fmt: skip
-    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         image_size=32, patch_size=8)  # fmt: skip
+    text_config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
+                       "pad_token_id": 1}  # fmt: skip
+    vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "image_size": 32, "patch_size": 8}  # fmt: skip
     torch.manual_seed(0)
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=CLIP_DIM)
     CLIPModel(config).save_pretrained(path)
@@ -123,7 +123,8 @@ def prompt_file(tmp_path_factory):
 
 def run_script(*args):
     command = [sys.executable, os.path.join(REPO_ROOT, "evaluate_inpo.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=REPO_ROOT, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=REPO_ROOT, timeout=300,
+                          check=False)
 
 
 def base_args(tiny_sd, tuned, prompt_file, output_dir):
@@ -245,7 +246,7 @@ def test_bad_aesthetic_heads_are_rejected(tmp_path):
 
 
 def _args(**overrides):
-    args = dict(pretrained_model_name_or_path="x", tuned_model_name_or_path="y", output_dir="z")
+    args = {"pretrained_model_name_or_path": "x", "tuned_model_name_or_path": "y", "output_dir": "z"}
     argv = []
     for key, value in {**args, **overrides}.items():
         argv += [f"--{key}", str(value)]

@@ -8,8 +8,8 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 
 import inpo_utils
 from inpo_utils import (
-    ddim_invert,
     ddim_inverse_step,
+    ddim_invert,
     implied_noise,
     inpo_loss,
     inversion_noise_std,
@@ -18,10 +18,10 @@ from inpo_utils import (
     v_prediction_target,
 )
 
-SD15_SCHEDULE = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1,
-)  # fmt: skip
+SD15_SCHEDULE = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1,
+}  # fmt: skip
 
 
 class ConstantNoiseUNet(torch.nn.Module):

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import launch, read_scalars, tiny_run_args
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 import inpo_utils
@@ -89,7 +89,7 @@ def test_v_prediction_bf16_run_logs_validation_images(tiny_sd_vpred, pickapic, t
 
 def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupted, tmp_path):
     part = str(tmp_path / "part")
-    common = dict(checkpointing_steps=2)
+    common = {"checkpointing_steps": 2}
     # Stop after the checkpoint at step 2, then resume from it up to the uninterrupted run's 6 steps.
     launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=2, **common))
     assert inpo_utils.list_checkpoints(part) == ["checkpoint-2"]
