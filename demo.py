@@ -24,7 +24,7 @@ _TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 # 32 px images → 16x16 latents through the 2-level tiny VAE.
 _TINY_UNET = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64), "layers_per_block": 1,
-                  "norm_num_groups": 16}
+              "norm_num_groups": 16}
 
 DEMO_CAPTIONS = ["a red square", "a blue circle", "a green cat", "a yellow dog", "a white house", "a black tree"]
 

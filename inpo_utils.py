@@ -1790,7 +1790,7 @@ class ModelFamily:
 def weight_loading_kwargs(args):
     """from_pretrained kwargs for weights: safetensors only unless --allow_unsafe_pickle_weights."""
     return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir,
-                "use_safetensors": None if args.allow_unsafe_pickle_weights else True}  # fmt: skip
+            "use_safetensors": None if args.allow_unsafe_pickle_weights else True}  # fmt: skip
 
 
 def load_unet(args):

@@ -525,7 +525,7 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
     the base model's fingerprint so new base models invalidate old pairs). Returns the pair metadata.
     """
     settings = {"num_pairs": num_pairs, "reward": reward_name, "num_inference_steps": num_inference_steps,
-                    "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION}  # fmt: skip
+                "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION}  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta = _read_meta(folder)
     if meta is not None and meta.get("fingerprint") == key:

@@ -35,7 +35,7 @@ SD15_VAE = {
     "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512,
 }  # fmt: skip
 CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                   "max_position_embeddings": 77, "projection_dim": 768}  # fmt: skip
+               "max_position_embeddings": 77, "projection_dim": 768}  # fmt: skip
 
 
 def build_sd15_random(path):

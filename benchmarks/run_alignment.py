@@ -228,7 +228,7 @@ def plot_grid(samples, eval_seeds, path):
 
 def sampling_kwargs(args):
     return {"reward_name": args.reward, "num_inference_steps": args.num_inference_steps,
-                "guidance_scale": args.guidance_scale}  # fmt: skip
+            "guidance_scale": args.guidance_scale}  # fmt: skip
 
 
 def prepare_world(args, model_config=None):

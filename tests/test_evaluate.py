@@ -84,10 +84,10 @@ def tiny_clip(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-clip"))
     tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer-src"))
     text_config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
-                       "pad_token_id": 1}  # fmt: skip
+                   "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
+                   "pad_token_id": 1}  # fmt: skip
     vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                         "image_size": 32, "patch_size": 8}  # fmt: skip
+                     "image_size": 32, "patch_size": 8}  # fmt: skip
     torch.manual_seed(0)
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=CLIP_DIM)
     CLIPModel(config).save_pretrained(path)
