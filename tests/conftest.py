@@ -1,8 +1,18 @@
 """Fixtures: tiny pipelines and a tiny Pick-a-Pic dataset built offline and saved the way real ones are."""
 
+import contextlib
+import io
+import logging
+import multiprocessing
 import os
+import runpy
+import socket
+import tempfile
+import time
 import subprocess
 import sys
+import traceback
+from typing import NamedTuple
 
 import pytest
 
@@ -12,6 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 torch.set_num_threads(1)
+from accelerate.state import AcceleratorState, GradientState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -48,14 +59,148 @@ def uninterrupted(tiny_sd, pickapic, tmp_path_factory):
     return out
 
 
-def launch(script, *args, num_processes=1, check=True):
-    """Run a training script the way users do, through `accelerate launch`, on the CPU."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--cpu",
-               "--num_cpu_threads_per_process", "1",
-               os.path.join(REPO, script), *map(str, args)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+class RunResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def launch(script, *args, check=True):
+    """Run a training script as `python script.py ...` would, but inside this test process.
+
+    A fresh interpreter per run costs ~12 s of CPU here just to import torch, diffusers and transformers, which made
+    the suite's launches its slowest part. The script runs from its `__main__` block (`runpy`), output and log
+    records are captured, an exception is a non-zero return code with its traceback on stderr, and accelerate's
+    process-wide state is reset afterwards so the next run starts as a new process would. `accelerate_launch` below
+    keeps a few runs on the real launcher.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # as the scripts' basicConfig sets it in a fresh process
+    argv = sys.argv
+    sys.argv = [os.path.join(REPO, script), *map(str, args)]
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as exit:
+                returncode = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+                if exit.code is not None and not isinstance(exit.code, int):
+                    print(exit.code, file=sys.stderr)
+            except Exception:
+                returncode = 1
+                traceback.print_exc()
+    finally:
+        sys.argv = argv
+        root.removeHandler(handler)
+        root.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        torch.set_num_threads(1)
+    result = RunResult(returncode, stdout.getvalue(), stderr.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def accelerate_launch(script, *args, check=True, cwd=REPO):
+    """Run a training script the way users do, through `accelerate launch` in its own process, on the CPU."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "--num_cpu_threads_per_process", "1", script, *map(str, args)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return RunResult(result.returncode, result.stdout, result.stderr)
+
+
+# ZeRO-2 on every process, as accelerate_configs/deepspeed_zero2.yaml sets it (without accumulation or fp16).
+DEEPSPEED_ZERO2_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+}  # fmt: skip
+
+# Workers are forked from a server that imported these once: a fresh interpreter per process would pay ~12 s of
+# CPU for the imports alone, twice per two-process run.
+_PRELOAD = ["torch", "diffusers", "transformers", "peft", "accelerate", "deepspeed", "inpo_utils", "train_inpo",
+            "train_inpo_sdxl"]  # fmt: skip
+_forkserver = None
+
+
+def _process_context():
+    global _forkserver
+    if _forkserver is None:
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(_PRELOAD)
+    return _forkserver
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_rank(argv, env, stdout_path, stderr_path):
+    """One process of a multi-process run: what torchrun would start, forked from the preloaded server."""
+    os.environ.update(env)
+    sys.stdout = open(stdout_path, "w", buffering=1)
+    sys.stderr = open(stderr_path, "w", buffering=1)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
+    sys.argv = list(argv)
+    code = 0
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=600):
+    """`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 script ARGS`: `nproc` gloo processes with torchrun's
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), so accelerate runs MULTI_CPU. With `deepspeed`, ZeRO-2 through
+    tests/deepspeed_cpu.py. stdout and stderr are those of all processes, rank 0 first."""
+    context = _process_context()
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+              "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    common.update(DEEPSPEED_ZERO2_ENV if deepspeed else {"ACCELERATE_USE_CPU": "1"})
+    shim = [os.path.join(REPO, "tests", "deepspeed_cpu.py")] if deepspeed else []
+    argv = [*shim, os.path.join(REPO, script), *map(str, args)]
+    logs = tempfile.mkdtemp(prefix="ranks-")
+    processes = []
+    for rank in range(nproc):
+        env = dict(common, RANK=str(rank), LOCAL_RANK=str(rank))
+        paths = (os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err"))
+        processes.append(context.Process(target=_run_rank, args=(argv, env, *paths)))
+        processes[-1].start()
+    deadline = time.time() + timeout
+    # A process that fails leaves the others waiting in a collective: stop them all, as torchrun does.
+    while any(p.is_alive() for p in processes) and time.time() < deadline:
+        if any(p.exitcode not in (None, 0) for p in processes):
+            break
+        time.sleep(0.1)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+    def read(suffix):
+        return "".join(open(os.path.join(logs, f"{rank}.{suffix}")).read() for rank in range(nproc))
+
+    returncode = next((p.exitcode for p in processes if p.exitcode != 0), 0)
+    result = RunResult(returncode, read("out"), read("err"))
+    if check and returncode != 0:
+        raise AssertionError(f"{script} failed ({returncode}) in {nproc} processes:\n{result.stderr[-5000:]}")
     return result
 
 

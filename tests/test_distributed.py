@@ -9,37 +9,26 @@ import types
 
 import pytest
 import torch
-from conftest import REPO, launch, read_scalars, tiny_run_args
+from conftest import REPO, launch, read_scalars, run_processes, tiny_run_args
 from safetensors.torch import load_file
 
 import inpo_utils
 
-# ZeRO-2 on every process, as accelerate_configs/deepspeed_zero2.yaml sets it (without accumulation or fp16).
-DEEPSPEED_ZERO2_ENV = {
-    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
-    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
-    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
-    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
-}  # fmt: skip
-
-
-def torchrun(script, *args, nproc=2, deepspeed=False):
-    """`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 script`: the launch form that gives accelerate a
-    MULTI_CPU (gloo) run here; `accelerate launch --cpu --num_processes 2` runs one process only. With
-    `deepspeed`, ZeRO-2 through tests/deepspeed_cpu.py instead."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.update(DEEPSPEED_ZERO2_ENV if deepspeed else {"ACCELERATE_USE_CPU": "1"})
-    shim = [os.path.join(REPO, "tests", "deepspeed_cpu.py")] if deepspeed else []
+def torchrun(script, *args):
+    """`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 script`, for real: the launch form that gives accelerate a
+    MULTI_CPU (gloo) run here (`accelerate launch --cpu --num_processes 2` runs one process only). The other
+    multi-process tests fork their processes from preloaded interpreters (conftest.run_processes)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, ACCELERATE_USE_CPU="1")
     # --standalone: a free port per run, so test workers running side by side do not collide.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               *shim, os.path.join(REPO, script), *map(str, args)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(REPO, script), *map(str, args)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
     return result
 
 
 def test_each_pair_is_read_exactly_once_per_epoch_across_processes(tiny_sd, pickapic, tmp_path):
-    result = torchrun("tests/dist_sampler_check.py", *tiny_run_args(tiny_sd, pickapic, str(tmp_path), seed=3))
+    result = run_processes("tests/dist_sampler_check.py", *tiny_run_args(tiny_sd, pickapic, str(tmp_path), seed=3))
     epochs = json.loads(result.stdout.split("EPOCHS=")[1].splitlines()[0])
     for per_process in epochs:
         assert len(per_process) == 2 and len(per_process[0]) == 4  # 8 pairs, 2 processes
@@ -80,7 +69,7 @@ def test_deepspeed_zero2_full_fine_tune_exports_a_loadable_pipeline(tiny_sd, pic
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out = str(tmp_path / "run")
-    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2,
+    result = run_processes("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2,
                                                       train_mode="full", learning_rate=1e-4), deepspeed=True)  # fmt: skip
     assert "DistributedType.DEEPSPEED" in result.stderr and "Trained weights identical on all 2 processes" in result.stderr
     tuned = StableDiffusionPipeline.from_pretrained(out).unet
@@ -97,9 +86,9 @@ def test_deepspeed_zero2_lora_resumes_exactly_in_two_processes_and_loads_in_diff
     from diffusers import StableDiffusionPipeline
 
     out = str(tmp_path / "run")
-    torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1), deepspeed=True)
+    run_processes("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1), deepspeed=True)
     again = resumed_from_copy(os.path.join(out, "checkpoint-1"), str(tmp_path / "again"))
-    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
+    result = run_processes("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
                                                       resume_from_checkpoint="latest"), deepspeed=True)  # fmt: skip
     assert "Loading DeepSpeed Model and Optimizer" in result.stderr
     assert_same_lora(out, again)
@@ -122,7 +111,7 @@ def test_fsdp_refuses_what_it_cannot_run():
 
 def test_two_process_sdxl_run(tiny_sdxl, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    result = torchrun("train_inpo_sdxl.py", *tiny_run_args(tiny_sdxl, pickapic, out, steps=2))
+    result = run_processes("train_inpo_sdxl.py", *tiny_run_args(tiny_sdxl, pickapic, out, steps=2))
     assert "Trained weights identical on all 2 processes" in result.stderr
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
 

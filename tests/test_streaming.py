@@ -11,9 +11,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import launch, tiny_run_args
+from conftest import launch, run_processes, tiny_run_args
 from safetensors.torch import load_file
-from test_distributed import torchrun
 
 import demo
 import inpo_utils
@@ -105,7 +104,7 @@ def test_streaming_resume_continues_exactly(tiny_sd, pickapic, tmp_path):
 
 
 def test_two_process_stream_partitions_each_epoch(tiny_sd, pickapic, tmp_path):
-    result = torchrun("tests/dist_sampler_check.py", *streaming_args(tiny_sd, pickapic, str(tmp_path), seed=3))
+    result = run_processes("tests/dist_sampler_check.py", *streaming_args(tiny_sd, pickapic, str(tmp_path), seed=3))
     epochs = json.loads(result.stdout.split("EPOCHS=")[1].splitlines()[0])
     stream = inpo_utils.load_preference_stream(pickapic, "train", None, 16, 0, 0, 1)
     (epoch,) = epochs_of(inpo_utils.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS), 1)
