@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
 
+
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 INVERSION_ENDPOINTS = ("grid", "exact")
 
@@ -46,8 +47,9 @@ def make_inverse_scheduler(scheduler_config, num_inversion_steps):
     return scheduler
 
 
-def ddim_inverse_step(sample, model_output, alpha_prod_from, alpha_prod_to, prediction_type="epsilon",
-                      clip_sample_range=None):  # fmt: skip
+def ddim_inverse_step(
+    sample, model_output, alpha_prod_from, alpha_prod_to, prediction_type="epsilon", clip_sample_range=None
+):
     """One deterministic DDIM step from noise level ᾱ_from to ᾱ_to (either direction).
 
     x_to = √ᾱ_to · x̂0 + √(1 − ᾱ_to) · ε̂, with (x̂0, ε̂) read off the model output at the source level ᾱ_from, as
@@ -95,8 +97,18 @@ def inversion_noise_std(alphas_cumprod, landed_timesteps, step_size):
     return variance.clamp(min=0).sqrt()
 
 
-def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, eta=0.0, endpoint="grid",
-                generator=None, added_cond_kwargs=None, return_trajectory=False):  # fmt: skip
+def ddim_invert(
+    unet,
+    x0,
+    timesteps,
+    encoder_hidden_states,
+    inverse_scheduler,
+    eta=0.0,
+    endpoint="grid",
+    generator=None,
+    added_cond_kwargs=None,
+    return_trajectory=False,
+):
     """Run DDIM inversion of clean latents `x0` up to (about) timestep `timesteps[i]`, per sample, without grad.
 
     For each grid point τ of `inverse_scheduler` with τ < t, the latents move from level τ−Δ (or the scheduler's
@@ -154,8 +166,9 @@ def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, e
             alpha_from = alphas_cumprod[source] if source >= 0 else initial_alpha
             step_timesteps = torch.full((rows.numel(),), grid_point, device=x0.device, dtype=torch.long)
             model_output = predict(latents[rows], step_timesteps, rows)
-            moved = ddim_inverse_step(latents[rows], model_output, alpha_from, alphas_cumprod[grid_point],
-                                      config.prediction_type, clip_range)  # fmt: skip
+            moved = ddim_inverse_step(
+                latents[rows], model_output, alpha_from, alphas_cumprod[grid_point], config.prediction_type, clip_range
+            )
             latents[rows] = add_noise(moved, step_timesteps)
             landed[rows] = grid_point
             if return_trajectory:
@@ -165,8 +178,9 @@ def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, e
             alpha_from = torch.where(landed >= 0, alphas_cumprod[landed.clamp(min=0)], initial_alpha)
             all_rows = torch.arange(len(timesteps), device=x0.device)
             model_output = predict(latents, timesteps, all_rows)
-            moved = ddim_inverse_step(latents, model_output, alpha_from, alphas_cumprod[timesteps],
-                                      config.prediction_type, clip_range)  # fmt: skip
+            moved = ddim_inverse_step(
+                latents, model_output, alpha_from, alphas_cumprod[timesteps], config.prediction_type, clip_range
+            )
             latents = add_noise(moved, timesteps)
     if return_trajectory:
         return latents, torch.stack(trajectory) if trajectory else latents.new_zeros((0, *latents.shape))
@@ -264,8 +278,19 @@ class AdaptersDisabled:
             self.unet.enable_adapters()
 
 
-def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states, inverse_scheduler,
-                   alphas_cumprod, eta=0.0, endpoint="grid", added_cond_kwargs=None, generator=None):  # fmt: skip
+def source_latents(
+    x0,
+    timesteps,
+    latent_source,
+    inversion_unet,
+    encoder_hidden_states,
+    inverse_scheduler,
+    alphas_cumprod,
+    eta=0.0,
+    endpoint="grid",
+    added_cond_kwargs=None,
+    generator=None,
+):
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
     latent_source="inversion" (InPO): DDIM inversion of x0 up to t, target ε* = implied noise.
@@ -274,8 +299,17 @@ def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_
     Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
     if latent_source == "inversion":
-        x_inv = ddim_invert(inversion_unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, eta=eta,
-                            endpoint=endpoint, generator=generator, added_cond_kwargs=added_cond_kwargs)  # fmt: skip
+        x_inv = ddim_invert(
+            inversion_unet,
+            x0,
+            timesteps,
+            encoder_hidden_states,
+            inverse_scheduler,
+            eta=eta,
+            endpoint=endpoint,
+            generator=generator,
+            added_cond_kwargs=added_cond_kwargs,
+        )
         return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
     if latent_source == "forward":
         half = torch.randn(x0[: len(x0) // 2].shape, generator=generator, device=x0.device)
@@ -289,29 +323,44 @@ def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidd
     """e_ref per row: the frozen reference's error at (latents, t, c), without grad. Shapes as `score_pairs`."""
     model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
     with torch.no_grad():
-        prediction = reference_unet(latents.to(reference_unet.dtype), timesteps, encoder_hidden_states,
-                                    **model_kwargs).sample  # fmt: skip
+        prediction = reference_unet(
+            latents.to(reference_unet.dtype), timesteps, encoder_hidden_states, **model_kwargs
+        ).sample
     return per_sample_mse(prediction, target)
 
 
-def score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
-                added_cond_kwargs=None):  # fmt: skip
+def score_pairs(
+    policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta, added_cond_kwargs=None
+):
     """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref.
 
     Args: latents, target (2B, C, H, W) winners first; timesteps (2B,); encoder_hidden_states (2B, L, D);
     reference_errors (2B,). Returns (loss, metrics) as `inpo_loss`, metrics also holding the mean timestep.
     """
     model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-    policy_errors = per_sample_mse(policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample,
-                                   target)  # fmt: skip
+    policy_errors = per_sample_mse(
+        policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample, target
+    )
     loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.to(policy_errors).chunk(2), beta)
     metrics["timestep"] = timesteps.float().mean()
     return loss, metrics
 
 
-def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidden_states, inverse_scheduler, beta,
-                   latent_source="inversion", eta=0.0, endpoint="grid", added_cond_kwargs=None, timesteps=None,
-                   generator=None):  # fmt: skip
+def inpo_step_loss(
+    policy_unet,
+    reference_unet,
+    inversion_unet,
+    x0,
+    encoder_hidden_states,
+    inverse_scheduler,
+    beta,
+    latent_source="inversion",
+    eta=0.0,
+    endpoint="grid",
+    added_cond_kwargs=None,
+    timesteps=None,
+    generator=None,
+):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
     Args:
@@ -325,16 +374,30 @@ def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidd
     num_pairs = len(x0) // 2
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     if timesteps is None:
-        timesteps = torch.randint(0, inverse_scheduler.config.num_train_timesteps, (num_pairs,), device=x0.device,
-                                  generator=generator)  # fmt: skip
+        timesteps = torch.randint(
+            0, inverse_scheduler.config.num_train_timesteps, (num_pairs,), device=x0.device, generator=generator
+        )
     timesteps = timesteps.to(x0.device).long().repeat(2)
-    latents, noise = source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states,
-                                    inverse_scheduler, alphas_cumprod, eta, endpoint, added_cond_kwargs, generator)  # fmt: skip
+    latents, noise = source_latents(
+        x0,
+        timesteps,
+        latent_source,
+        inversion_unet,
+        encoder_hidden_states,
+        inverse_scheduler,
+        alphas_cumprod,
+        eta,
+        endpoint,
+        added_cond_kwargs,
+        generator,
+    )
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
-    reference_errors = reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states,
-                                           added_cond_kwargs)  # fmt: skip
-    return score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
-                       added_cond_kwargs)  # fmt: skip
+    reference_errors = reference_errors_at(
+        reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
+    )
+    return score_pairs(
+        policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta, added_cond_kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,9 +431,11 @@ def find_problem(caption, image_bytes_0, image_bytes_1):
 def check_pair_columns(dataset_name, column_names):
     missing = [column for column in PAIR_COLUMNS if column not in column_names]
     if missing:
-        raise ValueError(f"Dataset {dataset_name!r} lacks the column(s) {missing}; found {column_names}. "
-                         f"InPO needs Pick-a-Pic v2 columns {list(PAIR_COLUMNS)}: caption (str), jpg_0/jpg_1 "
-                         "(encoded image bytes), label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie).")  # fmt: skip
+        raise ValueError(
+            f"Dataset {dataset_name!r} lacks the column(s) {missing}; found {column_names}. "
+            f"InPO needs Pick-a-Pic v2 columns {list(PAIR_COLUMNS)}: caption (str), jpg_0/jpg_1 "
+            "(encoded image bytes), label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie)."
+        )
 
 
 def check_labels(labels):
@@ -385,9 +450,11 @@ def load_split(dataset_name, split, cache_dir, streaming=False):
     try:
         return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir, streaming=streaming)
     except ValueError as error:
-        raise ValueError(f"Could not load split {split!r} of {dataset_name!r}: {error}. Pass the split that holds "
-                         "your pairs with --dataset_split_name (local parquet folders: the file name prefix, "
-                         "e.g. train-*.parquet is split 'train').") from error  # fmt: skip
+        raise ValueError(
+            f"Could not load split {split!r} of {dataset_name!r}: {error}. Pass the split that holds "
+            "your pairs with --dataset_split_name (local parquet folders: the file name prefix, "
+            "e.g. train-*.parquet is split 'train')."
+        ) from error
 
 
 def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print):
@@ -405,22 +472,34 @@ def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_sampl
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
 
-    problems = [] if len(dataset) == 0 else dataset.map(
-        lambda batch: {"problem": [find_problem(*row) for row in zip(batch["caption"], batch["jpg_0"], batch["jpg_1"])]},
-        batched=True, remove_columns=dataset.column_names, desc="Checking pairs",
-    )["problem"]  # fmt: skip
+    problems = (
+        []
+        if len(dataset) == 0
+        else dataset.map(
+            lambda batch: {
+                "problem": [find_problem(*row) for row in zip(batch["caption"], batch["jpg_0"], batch["jpg_1"])]
+            },
+            batched=True,
+            remove_columns=dataset.column_names,
+            desc="Checking pairs",
+        )["problem"]
+    )
     skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
     dataset = dataset.select([i for i, problem in enumerate(problems) if not problem])
     reasons = {}
     for _, problem in skipped:
         reasons[problem] = reasons.get(problem, 0) + 1
-    log(f"Dataset {dataset_name!r} [{split}]: {len(dataset)} pairs kept, {num_ties} ties dropped, "
-        f"{len(skipped)} rows skipped {reasons or ''}".rstrip())  # fmt: skip
+    log(
+        f"Dataset {dataset_name!r} [{split}]: {len(dataset)} pairs kept, {num_ties} ties dropped, "
+        f"{len(skipped)} rows skipped {reasons or ''}".rstrip()
+    )
     if skipped:
         log("First skipped rows (index after dropping ties): " + ", ".join(f"{i}: {p}" for i, p in skipped[:5]))
     if len(dataset) == 0:
-        raise ValueError(f"No usable preference pairs in {dataset_name!r} [{split}] ({num_ties} ties, "
-                         f"{len(skipped)} bad rows). Check label_0 and the image bytes.")  # fmt: skip
+        raise ValueError(
+            f"No usable preference pairs in {dataset_name!r} [{split}] ({num_ties} ties, "
+            f"{len(skipped)} bad rows). Check label_0 and the image bytes."
+        )
     return dataset
 
 
@@ -558,12 +637,16 @@ class StreamingPairs(torch.utils.data.IterableDataset):
                 kept += 1
                 yield example
             ties = dropped.pop("tie", 0)
-            logger.info(f"Streamed epoch {self.epoch} on process {self.accelerator.process_index} (from row "
-                        f"{resumed_at}): {kept} pairs, {ties} ties dropped, {sum(dropped.values())} rows skipped "
-                        f"{dropped or ''}".rstrip())  # fmt: skip
+            logger.info(
+                f"Streamed epoch {self.epoch} on process {self.accelerator.process_index} (from row "
+                f"{resumed_at}): {kept} pairs, {ties} ties dropped, {sum(dropped.values())} rows skipped "
+                f"{dropped or ''}".rstrip()
+            )
             if kept == 0 and resumed_at == 0:
-                raise ValueError(f"Process {self.accelerator.process_index}'s share of the stream holds no usable "
-                                 "pairs; check label_0 and the image bytes, or use fewer processes.")  # fmt: skip
+                raise ValueError(
+                    f"Process {self.accelerator.process_index}'s share of the stream holds no usable "
+                    "pairs; check label_0 and the image bytes, or use fewer processes."
+                )
             self.epoch, self.rows_read = self.epoch + 1, 0
 
     def state_dict(self):
@@ -583,7 +666,7 @@ class StreamingPairs(torch.utils.data.IterableDataset):
             f"{self.accelerator.num_processes}: the stream's shares differ, so its position within the epoch cannot "
             f"be restored. Restarting streamed epoch {self.epoch} from its beginning (pairs already trained on in "
             "it are seen again). Resume with the same number of processes to continue exactly."
-        )  # fmt: skip
+        )
 
 
 def collate_pairs(examples):
@@ -627,59 +710,108 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
     group.add_argument("--revision", default=None, help="Model revision on the hub.")
     group.add_argument("--variant", default=None, help="Weight variant, e.g. fp16.")
-    group.add_argument("--allow_unsafe_pickle_weights", action="store_true",
-                       help="Also load .bin/.ckpt (pickle) weights; by default only safetensors are loaded, since "
-                            "unpickling a file can run arbitrary code.")  # fmt: skip
-    group.add_argument("--dataset_name", required=True,
-                       help="Hub id (yuvalkirstain/pickapic_v2) or local folder of <split>-*.parquet files with "
-                            "columns caption, jpg_0, jpg_1, label_0.")  # fmt: skip
+    group.add_argument(
+        "--allow_unsafe_pickle_weights",
+        action="store_true",
+        help="Also load .bin/.ckpt (pickle) weights; by default only safetensors are loaded, since "
+        "unpickling a file can run arbitrary code.",
+    )
+    group.add_argument(
+        "--dataset_name",
+        required=True,
+        help="Hub id (yuvalkirstain/pickapic_v2) or local folder of <split>-*.parquet files with "
+        "columns caption, jpg_0, jpg_1, label_0.",
+    )
     group.add_argument("--dataset_split_name", default="train")
     group.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
     group.add_argument("--max_train_samples", type=int, default=None, help="Keep this many pairs (after ties).")
     group.add_argument("--resolution", type=int, default=default_resolution)
     group.add_argument("--random_crop", action="store_true", help="Random instead of centre crops.")
     group.add_argument("--no_hflip", action="store_true", help="Do not flip pairs horizontally at random.")
-    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                       help="Fraction of captions replaced by '' (the InPO authors' script uses 0.2).")  # fmt: skip
-    group.add_argument("--streaming", action="store_true",
-                       help="Stream the dataset (datasets' streaming mode) instead of downloading it first, for "
-                            "datasets larger than the disk; needs --max_train_steps.")  # fmt: skip
-    group.add_argument("--shuffle_buffer_size", type=int, default=1000,
-                       help="With --streaming: pairs held in memory to shuffle from (Pick-a-Pic: ~1 MB each).")
+    group.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Fraction of captions replaced by '' (the InPO authors' script uses 0.2).",
+    )
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the dataset (datasets' streaming mode) instead of downloading it first, for "
+        "datasets larger than the disk; needs --max_train_steps.",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: pairs held in memory to shuffle from (Pick-a-Pic: ~1 MB each).",
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
 
     group = parser.add_argument_group("InPO")
     group.add_argument("--beta_dpo", type=float, default=default_beta, help="β of the InPO/DPO loss.")
     group.add_argument("--inversion_steps", type=int, default=10, help="K: points of the DDIM inversion grid.")
-    group.add_argument("--inversion_eta", type=float, default=0.1,
-                       help="Std multiplier of the noise added after each inverse step (authors: 0.1; 0 = pure "
-                            "DDIM inversion).")  # fmt: skip
-    group.add_argument("--inversion_endpoint", choices=INVERSION_ENDPOINTS, default="grid",
-                       help="grid: stop at the last grid point below t (the paper); exact: finish on t.")  # fmt: skip
-    group.add_argument("--inversion_model", choices=("policy", "reference"), default=None,
-                       help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
-                            "frozen reference (the default and only choice with --inversion_cache_dir).")  # fmt: skip
-    group.add_argument("--latent_source", choices=("inversion", "forward"), default="inversion",
-                       help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).")
-    group.add_argument("--train_mode", choices=("lora", "full"), default="lora",
-                       help="lora: train LoRA adapters, reference = adapters off. full: train the whole UNet "
-                            "against a frozen copy (the paper).")  # fmt: skip
+    group.add_argument(
+        "--inversion_eta",
+        type=float,
+        default=0.1,
+        help="Std multiplier of the noise added after each inverse step (authors: 0.1; 0 = pure DDIM inversion).",
+    )
+    group.add_argument(
+        "--inversion_endpoint",
+        choices=INVERSION_ENDPOINTS,
+        default="grid",
+        help="grid: stop at the last grid point below t (the paper); exact: finish on t.",
+    )
+    group.add_argument(
+        "--inversion_model",
+        choices=("policy", "reference"),
+        default=None,
+        help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
+        "frozen reference (the default and only choice with --inversion_cache_dir).",
+    )
+    group.add_argument(
+        "--latent_source",
+        choices=("inversion", "forward"),
+        default="inversion",
+        help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).",
+    )
+    group.add_argument(
+        "--train_mode",
+        choices=("lora", "full"),
+        default="lora",
+        help="lora: train LoRA adapters, reference = adapters off. full: train the whole UNet "
+        "against a frozen copy (the paper).",
+    )
     group.add_argument("--rank", type=int, default=8, help="LoRA rank.")
     group.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
-    group.add_argument("--lora_target_modules", default="to_k,to_q,to_v,to_out.0",
-                       help="Comma-separated UNet module names that get LoRA adapters.")  # fmt: skip
+    group.add_argument(
+        "--lora_target_modules",
+        default="to_k,to_q,to_v,to_out.0",
+        help="Comma-separated UNet module names that get LoRA adapters.",
+    )
 
     group = parser.add_argument_group("invert once: the inversion cache")
-    group.add_argument("--inversion_cache_dir", default=None,
-                       help="Train from this precomputed cache (no VAE, text encoders, reference or inversion per "
-                            "step); with --precompute_inversion_cache, write it.")  # fmt: skip
-    group.add_argument("--precompute_inversion_cache", action="store_true",
-                       help="Invert the dataset once with the frozen reference and write --inversion_cache_dir, "
-                            "then exit. Resumes an interrupted precompute.")  # fmt: skip
-    group.add_argument("--cache_timesteps", choices=("grid", "per_pair"), default="grid",
-                       help="grid: store the whole inversion trajectory, train on t drawn from the K grid points; "
-                            "per_pair: store one uniformly drawn t per pair (K+1x smaller, fixed t).")  # fmt: skip
+    group.add_argument(
+        "--inversion_cache_dir",
+        default=None,
+        help="Train from this precomputed cache (no VAE, text encoders, reference or inversion per "
+        "step); with --precompute_inversion_cache, write it.",
+    )
+    group.add_argument(
+        "--precompute_inversion_cache",
+        action="store_true",
+        help="Invert the dataset once with the frozen reference and write --inversion_cache_dir, "
+        "then exit. Resumes an interrupted precompute.",
+    )
+    group.add_argument(
+        "--cache_timesteps",
+        choices=("grid", "per_pair"),
+        default="grid",
+        help="grid: store the whole inversion trajectory, train on t drawn from the K grid points; "
+        "per_pair: store one uniformly drawn t per pair (K+1x smaller, fixed t).",
+    )
     group.add_argument("--cache_dtype", choices=tuple(CACHE_DTYPES), default="fp16")
     group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
 
@@ -692,11 +824,16 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--learning_rate", type=float, default=1e-5)
-    group.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the lr by batch size x accumulation x processes (as the authors do).")
-    group.add_argument("--lr_scheduler", default="constant",
-                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                            '"constant_with_warmup".')  # fmt: skip
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the lr by batch size x accumulation x processes (as the authors do).",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
     group.add_argument("--lr_warmup_steps", type=int, default=0)
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
     group.add_argument("--adam_beta1", type=float, default=0.9)
@@ -704,14 +841,22 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--skip_nonfinite_steps", type=int, default=0,
-                       help="Optimizer steps with a non-finite loss or gradient to skip before stopping (default: "
-                            "stop at the first).")  # fmt: skip
-    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="Default: accelerate's config.")  # fmt: skip
+    group.add_argument(
+        "--skip_nonfinite_steps",
+        type=int,
+        default=0,
+        help="Optimizer steps with a non-finite loss or gradient to skip before stopping (default: "
+        "stop at the first).",
+    )
+    group.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's config."
+    )
     group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (CUDA only); torch SDPA is the default.")  # fmt: skip
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (CUDA only); torch SDPA is the default.",
+    )
 
     group = parser.add_argument_group("checkpoints, logging, hub")
     group.add_argument("--checkpointing_steps", type=int, default=500)
@@ -749,41 +894,52 @@ def validate_training_args(args):
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         problems.append("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        problems.append("--hub_token with --report_to wandb would leak the token into the run config; "
-                        "log in with `huggingface-cli login` instead.")  # fmt: skip
+        problems.append(
+            "--hub_token with --report_to wandb would leak the token into the run config; "
+            "log in with `huggingface-cli login` instead."
+        )
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         candidate = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint))
         if not os.path.isdir(candidate):
-            problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist (nor "
-                            f"{candidate!r}); pass a checkpoint-<step> folder or 'latest'.")  # fmt: skip
+            problems.append(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist (nor "
+                f"{candidate!r}); pass a checkpoint-<step> folder or 'latest'."
+            )
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
         if not is_xformers_available():
-            problems.append("--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
-                            "(CUDA only), or drop the flag to use torch SDPA.")  # fmt: skip
+            problems.append(
+                "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
+                "(CUDA only), or drop the flag to use torch SDPA."
+            )
     if args.precompute_inversion_cache and args.inversion_cache_dir is None:
         problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
     if args.inversion_cache_dir is not None:
         if args.latent_source != "inversion":
             problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
         if args.inversion_model == "policy":
-            problems.append("The inversion cache is made by the frozen reference; drop --inversion_model policy "
-                            "(or train online without --inversion_cache_dir).")  # fmt: skip
+            problems.append(
+                "The inversion cache is made by the frozen reference; drop --inversion_model policy "
+                "(or train online without --inversion_cache_dir)."
+            )
     if args.cache_shard_size < 1:
         problems.append("--cache_shard_size must be at least 1.")
     if args.streaming:
         if args.max_train_steps is None:
             problems.append("--streaming needs --max_train_steps: a stream's length is unknown until it is read.")
         if args.max_train_samples is not None:
-            problems.append("--max_train_samples does not apply to --streaming; bound the run with "
-                            "--max_train_steps.")  # fmt: skip
+            problems.append("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps.")
         if args.dataloader_num_workers > 0:
-            problems.append("--streaming reads in the training process (workers would split the stream by file and "
-                            "lose the resume position); drop --dataloader_num_workers.")  # fmt: skip
+            problems.append(
+                "--streaming reads in the training process (workers would split the stream by file and "
+                "lose the resume position); drop --dataloader_num_workers."
+            )
         if args.inversion_cache_dir is not None:
-            problems.append("--streaming does not combine with the inversion cache: precompute from a downloaded "
-                            "dataset, then train from the cache (it is already local).")  # fmt: skip
+            problems.append(
+                "--streaming does not combine with the inversion cache: precompute from a downloaded "
+                "dataset, then train from the cache (it is already local)."
+            )
         if args.shuffle_buffer_size < 1:
             problems.append("--shuffle_buffer_size must be at least 1.")
     if problems:
@@ -801,13 +957,17 @@ def check_sharding(args, accelerator):
         return
     problems = []
     if args.train_mode == "lora":
-        problems.append("FSDP is for --train_mode full. LoRA adapters are small, and their reference is the same "
-                        "UNet with the adapters off, which FSDP's shards cannot be called as: use DDP "
-                        "(accelerate_configs/ddp_8gpu.yaml) or DeepSpeed ZeRO-2.")  # fmt: skip
+        problems.append(
+            "FSDP is for --train_mode full. LoRA adapters are small, and their reference is the same "
+            "UNet with the adapters off, which FSDP's shards cannot be called as: use DDP "
+            "(accelerate_configs/ddp_8gpu.yaml) or DeepSpeed ZeRO-2."
+        )
     elif args.latent_source == "inversion" and args.inversion_model == "policy" and args.inversion_cache_dir is None:
-        problems.append("Under FSDP every process must make the same UNet calls, but inverting with the policy "
-                        "calls it once per grid point below each pair's t, which differs between processes. Pass "
-                        "--inversion_model reference (the frozen copy, outside FSDP), or use DeepSpeed ZeRO-2.")  # fmt: skip
+        problems.append(
+            "Under FSDP every process must make the same UNet calls, but inverting with the policy "
+            "calls it once per grid point below each pair's t, which differs between processes. Pass "
+            "--inversion_model reference (the frozen copy, outside FSDP), or use DeepSpeed ZeRO-2."
+        )
     if problems:
         raise ValueError("Not supported under FSDP:\n  " + "\n  ".join(problems))
 
@@ -825,8 +985,10 @@ def check_local_pipeline(args, is_sdxl):
             needed.append("vae")
     missing = [name for name in needed if not os.path.isdir(os.path.join(path, name))]
     if missing:
-        raise ValueError(f"{path!r} lacks the subfolder(s) {missing}: point --pretrained_model_name_or_path at a "
-                         "complete diffusers pipeline folder (as written by `pipeline.save_pretrained`).")  # fmt: skip
+        raise ValueError(
+            f"{path!r} lacks the subfolder(s) {missing}: point --pretrained_model_name_or_path at a "
+            "complete diffusers pipeline folder (as written by `pipeline.save_pretrained`)."
+        )
 
 
 def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_sdxl):
@@ -835,24 +997,34 @@ def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     try:
-        unet_config = UNet2DConditionModel.load_config(pretrained_model_name_or_path, subfolder="unet",
-                                                       revision=revision, cache_dir=cache_dir)  # fmt: skip
-        scheduler_config = DDIMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler",
-                                                     revision=revision, cache_dir=cache_dir)  # fmt: skip
+        unet_config = UNet2DConditionModel.load_config(
+            pretrained_model_name_or_path, subfolder="unet", revision=revision, cache_dir=cache_dir
+        )
+        scheduler_config = DDIMScheduler.load_config(
+            pretrained_model_name_or_path, subfolder="scheduler", revision=revision, cache_dir=cache_dir
+        )
     except OSError as error:
-        raise ValueError(f"{pretrained_model_name_or_path!r} is not a diffusers pipeline with unet/ and scheduler/ "
-                         f"subfolders: {error}") from error  # fmt: skip
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is not a diffusers pipeline with unet/ and scheduler/ "
+            f"subfolders: {error}"
+        ) from error
     is_sdxl = unet_config.get("addition_embed_type") == "text_time"
     if is_sdxl and not want_sdxl:
-        raise ValueError(f"{pretrained_model_name_or_path!r} is an SDXL checkpoint (its UNet takes text_time "
-                         "conditioning): use train_inpo_sdxl.py.")  # fmt: skip
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is an SDXL checkpoint (its UNet takes text_time "
+            "conditioning): use train_inpo_sdxl.py."
+        )
     if want_sdxl and not is_sdxl:
-        raise ValueError(f"{pretrained_model_name_or_path!r} is not an SDXL checkpoint (its UNet has no text_time "
-                         "conditioning): use train_inpo.py for SD 1.x/2.x.")  # fmt: skip
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is not an SDXL checkpoint (its UNet has no text_time "
+            "conditioning): use train_inpo.py for SD 1.x/2.x."
+        )
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
-        raise ValueError(f"The scheduler of {pretrained_model_name_or_path!r} predicts {prediction_type!r}; InPO "
-                         f"supports {SUPPORTED_PREDICTION_TYPES}.")  # fmt: skip
+        raise ValueError(
+            f"The scheduler of {pretrained_model_name_or_path!r} predicts {prediction_type!r}; InPO "
+            f"supports {SUPPORTED_PREDICTION_TYPES}."
+        )
     return DDIMScheduler.from_config(scheduler_config).config
 
 
@@ -872,11 +1044,12 @@ def make_accelerator(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
         # Epoch shuffles from (seed, epoch), so a resumed run reads pairs in the uninterrupted order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )  # fmt: skip
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.seed is not None:
         # Same on every process: LoRA initialisation and anything else drawn before the per-process generator.
@@ -912,7 +1085,9 @@ class StepRandomness:
         states = state["states"]
         if self.accelerator.process_index < len(states):  # a process the checkpoint lacks keeps its fresh seed
             # clone: set_state on a row view (non-zero storage offset) crashes torch 2.13 with a segfault
-            self.generator.set_state(states[self.accelerator.process_index].clone().to(self.generator.get_state().device))
+            self.generator.set_state(
+                states[self.accelerator.process_index].clone().to(self.generator.get_state().device)
+            )
 
 
 def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
@@ -933,12 +1108,14 @@ def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
     if args.train_mode == "lora":
         unet.requires_grad_(False)
         unet.to(accelerator.device, dtype=weight_dtype)
-        unet.add_adapter(LoraConfig(
-            r=args.rank,
-            lora_alpha=args.lora_alpha or args.rank,
-            init_lora_weights="gaussian",
-            target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
-        ))  # fmt: skip
+        unet.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha or args.rank,
+                init_lora_weights="gaussian",
+                target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
+            )
+        )
         cast_training_params(unet, dtype=torch.float32)
         reference = AdaptersDisabled(unet)
     else:
@@ -964,8 +1141,13 @@ def make_optimizer(params, args):
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
+    return optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
 
 
 def lora_layers(unet):
@@ -1005,12 +1187,15 @@ def register_checkpoint_hooks(accelerator, args, pipeline_cls):
             model = accelerator.unwrap_model(models.pop())
             if args.train_mode == "lora":
                 state_dict, _ = pipeline_cls.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
-                unet_state = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
-                incompatible = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(unet_state),
-                                                         adapter_name="default")  # fmt: skip
+                unet_state = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+                incompatible = set_peft_model_state_dict(
+                    model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+                )
                 if incompatible is not None and incompatible.unexpected_keys:
-                    raise ValueError(f"Checkpoint {input_dir} has LoRA weights this model lacks: "
-                                     f"{incompatible.unexpected_keys[:3]} (different --rank/--lora_target_modules?)")
+                    raise ValueError(
+                        f"Checkpoint {input_dir} has LoRA weights this model lacks: "
+                        f"{incompatible.unexpected_keys[:3]} (different --rank/--lora_target_modules?)"
+                    )
                 cast_training_params(model, dtype=torch.float32)
             else:
                 saved = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
@@ -1023,8 +1208,19 @@ def register_checkpoint_hooks(accelerator, args, pipeline_cls):
 
 RUN_SETTINGS_FILE = "inpo_run.json"
 # Settings a checkpoint cannot be resumed across: they change what the saved weights are.
-STRUCTURAL_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "train_mode", "rank", "lora_alpha",
-                       "lora_target_modules", "dataset_name", "dataset_split_name", "max_train_samples", "resolution")  # fmt: skip
+STRUCTURAL_SETTINGS = (
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "train_mode",
+    "rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "dataset_name",
+    "dataset_split_name",
+    "max_train_samples",
+    "resolution",
+)
 
 
 def run_settings(args, is_sdxl):
@@ -1044,11 +1240,15 @@ def check_output_dir(args, is_sdxl):
         with open(settings_path) as f:
             differences = fingerprint_differences(json.load(f), run_settings(args, is_sdxl))
         if differences:
-            raise ValueError(f"--output_dir {args.output_dir!r} holds checkpoints of a run with other settings; use a "
-                             "new --output_dir:\n  " + "\n  ".join(d.replace("cache has", "that run has") for d in differences))  # fmt: skip
+            raise ValueError(
+                f"--output_dir {args.output_dir!r} holds checkpoints of a run with other settings; use a "
+                "new --output_dir:\n  " + "\n  ".join(d.replace("cache has", "that run has") for d in differences)
+            )
     if args.resume_from_checkpoint is None:
-        raise ValueError(f"--output_dir {args.output_dir!r} already holds {checkpoints[-1]} from an earlier run: pass "
-                         "--resume_from_checkpoint latest to continue it, or choose another --output_dir.")  # fmt: skip
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} already holds {checkpoints[-1]} from an earlier run: pass "
+            "--resume_from_checkpoint latest to continue it, or choose another --output_dir."
+        )
 
 
 def write_run_settings(args, is_sdxl):
@@ -1060,8 +1260,10 @@ def list_checkpoints(output_dir):
     """checkpoint-<step> folders in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):
         return []
-    names = [n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(names, key=lambda name: int(name[len(CHECKPOINT_PREFIX):]))
+    names = [
+        n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(names, key=lambda name: int(name[len(CHECKPOINT_PREFIX) :]))
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
@@ -1131,8 +1333,9 @@ def all_finite(accelerator, value):
     return bool(accelerator.gather(flag).min() > 0)
 
 
-def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step_loss, on_validation,
-               params_to_clip):  # fmt: skip
+def train_loop(
+    accelerator, args, unet, optimizer, lr_scheduler, dataloader, pairs, step_loss, on_validation, params_to_clip
+):
     """The optimisation loop both scripts run: resume, accumulate, clip, log, checkpoint, validate.
 
     `step_loss(batch) -> (loss, metrics)` is the script's step; `on_validation(global_step)` makes images.
@@ -1153,18 +1356,21 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
     elif checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(checkpoint)
-        global_step = int(os.path.basename(checkpoint)[len(CHECKPOINT_PREFIX):])
+        global_step = int(os.path.basename(checkpoint)[len(CHECKPOINT_PREFIX) :])
         if not streaming:
             first_epoch = global_step // updates_per_epoch
             batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     num_pairs = "streamed" if streaming else len(pairs)
-    logger.info(f"***** InPO training *****  pairs = {num_pairs}, epochs = {num_epochs}, pairs per device "
-                f"per micro-batch = {args.train_batch_size}, total pairs per step (processes x accumulation) = "
-                f"{total_batch}, optimizer steps = {args.max_train_steps}, starting at step {global_step}")  # fmt: skip
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    logger.info(
+        f"***** InPO training *****  pairs = {num_pairs}, epochs = {num_epochs}, pairs per device "
+        f"per micro-batch = {args.train_batch_size}, total pairs per step (processes x accumulation) = "
+        f"{total_batch}, optimizer steps = {args.max_train_steps}, starting at step {global_step}"
+    )
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     accumulated = {}
     step_started = time.perf_counter()
     window_is_finite, nonfinite_steps = True, 0
@@ -1209,9 +1415,11 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
                         f"{ {k: round(v, 6) for k, v in accumulated.items()} }). Stopped without saving; the last "
                         f"good checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate or --beta_dpo, "
                         "prefer bf16 to fp16, or pass --skip_nonfinite_steps N to skip up to N such steps."
-                    )  # fmt: skip
-                logger.warning(f"Skipped optimizer step {global_step + 1}: non-finite loss or gradient "
-                               f"({nonfinite_steps}/{args.skip_nonfinite_steps} allowed).")  # fmt: skip
+                    )
+                logger.warning(
+                    f"Skipped optimizer step {global_step + 1}: non-finite loss or gradient "
+                    f"({nonfinite_steps}/{args.skip_nonfinite_steps} allowed)."
+                )
             window_is_finite = True
             global_step += 1
             accumulated["skipped_nonfinite_steps"] = nonfinite_steps
@@ -1235,7 +1443,9 @@ def train_loop(accelerator, args, unet, optimizer, lr_scheduler, dataloader, pai
 
 def resolve_max_train_steps(args, num_batches_per_epoch):
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+        args.max_train_steps = args.num_train_epochs * math.ceil(
+            num_batches_per_epoch / args.gradient_accumulation_steps
+        )
     return args.max_train_steps
 
 
@@ -1243,8 +1453,12 @@ def make_lr_scheduler(optimizer, args, num_processes):
     from diffusers.optimization import get_scheduler
 
     # The prepared scheduler steps once per process per optimizer step.
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                         num_training_steps=args.max_train_steps * num_processes)  # fmt: skip
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
 
 
 def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step, tag="validation"):
@@ -1253,9 +1467,16 @@ def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step
     # Prompt i gets seed + i, as in evaluate_inpo.py, so an image does not depend on the prompts before it.
     # Autocast: mid-run the UNet mixes fp32 LoRA weights with half-precision base weights and the VAE is half.
     with accelerator.autocast():
-        images = [pipeline(prompt, num_inference_steps=25, height=resolution, width=resolution,
-                           generator=torch.Generator(device=accelerator.device).manual_seed((seed or 0) + i)).images[0]
-                  for i, prompt in enumerate(prompts)]  # fmt: skip
+        images = [
+            pipeline(
+                prompt,
+                num_inference_steps=25,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator(device=accelerator.device).manual_seed((seed or 0) + i),
+            ).images[0]
+            for i, prompt in enumerate(prompts)
+        ]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
@@ -1276,10 +1497,10 @@ def write_model_card(args, output_dir, images=None, is_sdxl=False):
         make_image_grid(images, 1, len(images)).save(os.path.join(output_dir, "validation_grid.png"))
     kind = "LoRA adapters" if args.train_mode == "lora" else "a fully fine-tuned UNet"
     description = f"""
-# InPO {'SDXL ' if is_sdxl else ''}{kind} for {args.pretrained_model_name_or_path}
+# InPO {"SDXL " if is_sdxl else ""}{kind} for {args.pretrained_model_name_or_path}
 
 Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.dataset_name}`
-(split `{args.dataset_split_name}`{f', {args.max_train_samples} pairs' if args.max_train_samples else ''}).
+(split `{args.dataset_split_name}`{f", {args.max_train_samples} pairs" if args.max_train_samples else ""}).
 
 | setting | value |
 |---|---|
@@ -1288,10 +1509,10 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
 | latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}) |
-| train mode | {args.train_mode}{f', rank {args.rank}' if args.train_mode == 'lora' else ''} |
+| train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
 | resolution | {args.resolution} |
 
-{'![validation](validation_grid.png)' if images else ''}
+{"![validation](validation_grid.png)" if images else ""}
 
 Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on the base pipeline.
 """
@@ -1301,7 +1522,13 @@ Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on th
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
     )
-    tags = ["text-to-image", "diffusers", "inpo", "diffusion-dpo", "stable-diffusion-xl" if is_sdxl else "stable-diffusion"]
+    tags = [
+        "text-to-image",
+        "diffusers",
+        "inpo",
+        "diffusion-dpo",
+        "stable-diffusion-xl" if is_sdxl else "stable-diffusion",
+    ]
     if args.train_mode == "lora":
         tags.append("lora")
     populate_model_card(card, tags=tags).save(os.path.join(output_dir, "README.md"))
@@ -1310,10 +1537,16 @@ Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on th
 def push_output_to_hub(args):
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
-                          token=args.hub_token).repo_id  # fmt: skip
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="InPO training results",
-                  ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".partial-*"], token=args.hub_token)  # fmt: skip
+    repo_id = create_repo(
+        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token
+    ).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="InPO training results",
+        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".partial-*"],
+        token=args.hub_token,
+    )
 
 
 class InpoStep:
@@ -1335,7 +1568,9 @@ class InpoStep:
     def drop_captions(self, captions):
         """Replace a --proportion_empty_prompts share of captions by '' (unconditional training signal)."""
         drop = torch.rand(len(captions), generator=self.generator, device=self.generator.device)
-        return ["" if dropped else caption for caption, dropped in zip(captions, drop < self.args.proportion_empty_prompts)]
+        return [
+            "" if dropped else caption for caption, dropped in zip(captions, drop < self.args.proportion_empty_prompts)
+        ]
 
     @torch.no_grad()
     def encode_images(self, pixel_values):
@@ -1351,18 +1586,32 @@ class InpoStep:
         inversion_unet = policy if self.args.inversion_model == "policy" else self.reference
         with self.accelerator.autocast():
             return inpo_step_loss(
-                self.unet, self.reference, inversion_unet, x0, encoder_hidden_states, self.inverse_scheduler,
-                self.args.beta_dpo, latent_source=self.args.latent_source, eta=self.args.inversion_eta,
-                endpoint=self.args.inversion_endpoint, added_cond_kwargs=added_cond_kwargs, generator=self.generator,
-            )  # fmt: skip
+                self.unet,
+                self.reference,
+                inversion_unet,
+                x0,
+                encoder_hidden_states,
+                self.inverse_scheduler,
+                self.args.beta_dpo,
+                latent_source=self.args.latent_source,
+                eta=self.args.inversion_eta,
+                endpoint=self.args.inversion_endpoint,
+                added_cond_kwargs=added_cond_kwargs,
+                generator=self.generator,
+            )
 
 
 def make_dataloader(pairs, collate_fn, args):
     """Shuffled batches of pairs; `accelerator.prepare` then gives each process its own share of every epoch.
     A stream (StreamingPairs) shuffles and splits itself."""
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
-    return torch.utils.data.DataLoader(pairs, batch_size=args.train_batch_size, shuffle=not streaming,
-                                       collate_fn=collate_fn, num_workers=args.dataloader_num_workers)  # fmt: skip
+    return torch.utils.data.DataLoader(
+        pairs,
+        batch_size=args.train_batch_size,
+        shuffle=not streaming,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+    )
 
 
 def check_replicas_in_sync(accelerator, params):
@@ -1371,8 +1620,9 @@ def check_replicas_in_sync(accelerator, params):
     sums = accelerator.gather(checksum)
     if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=0):
         raise RuntimeError(f"Trained weights differ between processes (checksums {sums.tolist()}).")
-    main_process_logger().info(f"Trained weights identical on all {accelerator.num_processes} processes "
-                               f"(checksum {sums[0].item():.9g}).")  # fmt: skip
+    main_process_logger().info(
+        f"Trained weights identical on all {accelerator.num_processes} processes (checksum {sums[0].item():.9g})."
+    )
 
 
 def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn, unet, make_step, make_pipeline):
@@ -1406,7 +1656,9 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     if streaming:  # each process already reads its own share; DeepSpeed learns the batch size from the config
         if accelerator.state.deepspeed_plugin is not None:
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+                args.train_batch_size
+            )
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     else:
         unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
@@ -1434,8 +1686,14 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
     def validate(global_step):
         policy = exportable_policy()
         if accelerator.is_main_process:
-            log_validation_images(accelerator, make_pipeline(unet=policy), args.validation_prompts, args.seed,
-                                  args.resolution, global_step)  # fmt: skip
+            log_validation_images(
+                accelerator,
+                make_pipeline(unet=policy),
+                args.validation_prompts,
+                args.seed,
+                args.resolution,
+                global_step,
+            )
             unet.train()
 
     step = make_step(unet, reference, inverse_scheduler, randomness.generator)
@@ -1457,8 +1715,15 @@ def run_training(args, accelerator, family, scheduler_config, pairs, collate_fn,
             final_pipeline.save_pretrained(args.output_dir)
         images = None
         if args.run_validation:
-            images = log_validation_images(accelerator, final_pipeline, args.validation_prompts, args.seed,
-                                           args.resolution, args.max_train_steps, tag="final")  # fmt: skip
+            images = log_validation_images(
+                accelerator,
+                final_pipeline,
+                args.validation_prompts,
+                args.seed,
+                args.resolution,
+                args.max_train_steps,
+                tag="final",
+            )
         write_model_card(args, args.output_dir, images, is_sdxl=family.is_sdxl)
         if args.push_to_hub:
             push_output_to_hub(args)
@@ -1479,15 +1744,24 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
     """Everything a cache's contents depend on. Training refuses a cache whose fingerprint differs."""
     fingerprint = {
         "format_version": CACHE_FORMAT_VERSION,
-        "model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+        "model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
         "scheduler": {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")},
-        "dataset": args.dataset_name, "split": args.dataset_split_name, "max_train_samples": args.max_train_samples,
-        "seed": args.seed, "resolution": args.resolution, "random_crop": args.random_crop, "hflip": not args.no_hflip,
+        "dataset": args.dataset_name,
+        "split": args.dataset_split_name,
+        "max_train_samples": args.max_train_samples,
+        "seed": args.seed,
+        "resolution": args.resolution,
+        "random_crop": args.random_crop,
+        "hflip": not args.no_hflip,
         "proportion_empty_prompts": args.proportion_empty_prompts,
-        "inversion_steps": args.inversion_steps, "inversion_eta": args.inversion_eta,
-        "inversion_endpoint": args.inversion_endpoint, "cache_timesteps": args.cache_timesteps,
+        "inversion_steps": args.inversion_steps,
+        "inversion_eta": args.inversion_eta,
+        "inversion_endpoint": args.inversion_endpoint,
+        "cache_timesteps": args.cache_timesteps,
         "cache_dtype": args.cache_dtype,
-    }  # fmt: skip
+    }
     if is_sdxl:
         fingerprint.update(vae=args.pretrained_vae_model_name_or_path, fixed_time_ids=args.fixed_time_ids)
     return json.loads(json.dumps(fingerprint))  # normalise tuples/floats as they will read back
@@ -1496,22 +1770,34 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
 def fingerprint_differences(stored, current):
     """Human-readable list of the settings that differ between two fingerprints."""
     keys = sorted(set(stored) | set(current))
-    return [f"{k}: cache has {stored.get(k)!r}, this run has {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+    return [
+        f"{k}: cache has {stored.get(k)!r}, this run has {current.get(k)!r}"
+        for k in keys
+        if stored.get(k) != current.get(k)
+    ]
 
 
 def read_cache_manifest(cache_dir, fingerprint):
     """The manifest of a complete cache made with `fingerprint`; a clear error for a missing, partial or stale one."""
     manifest_path = os.path.join(cache_dir, CACHE_MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
-        state = "is incomplete (no manifest.json: the precompute did not finish)" if os.path.isdir(cache_dir) else "does not exist"
-        raise ValueError(f"Inversion cache {cache_dir!r} {state}. Run the same command with "
-                         "--precompute_inversion_cache first; it resumes where it stopped.")  # fmt: skip
+        state = (
+            "is incomplete (no manifest.json: the precompute did not finish)"
+            if os.path.isdir(cache_dir)
+            else "does not exist"
+        )
+        raise ValueError(
+            f"Inversion cache {cache_dir!r} {state}. Run the same command with "
+            "--precompute_inversion_cache first; it resumes where it stopped."
+        )
     with open(manifest_path) as f:
         manifest = json.load(f)
     differences = fingerprint_differences(manifest["fingerprint"], fingerprint)
     if differences:
-        raise ValueError(f"Inversion cache {cache_dir!r} was made with other settings; precompute a new cache or "
-                         "train with the cache's settings:\n  " + "\n  ".join(differences))  # fmt: skip
+        raise ValueError(
+            f"Inversion cache {cache_dir!r} was made with other settings; precompute a new cache or "
+            "train with the cache's settings:\n  " + "\n  ".join(differences)
+        )
     return manifest
 
 
@@ -1548,8 +1834,10 @@ def precompute_inversion_cache(args, accelerator, dataset, step, fingerprint, lo
             with open(fingerprint_path) as f:
                 differences = fingerprint_differences(json.load(f), fingerprint)
             if differences:
-                raise ValueError(f"{cache_dir!r} holds a cache made with other settings; use another "
-                                 "--inversion_cache_dir or delete it:\n  " + "\n  ".join(differences))  # fmt: skip
+                raise ValueError(
+                    f"{cache_dir!r} holds a cache made with other settings; use another "
+                    "--inversion_cache_dir or delete it:\n  " + "\n  ".join(differences)
+                )
         with open(fingerprint_path, "w") as f:
             json.dump(fingerprint, f, indent=1)
     accelerator.wait_for_everyone()
@@ -1563,10 +1851,16 @@ def precompute_inversion_cache(args, accelerator, dataset, step, fingerprint, lo
     num_shards = math.ceil(len(pairs) / args.cache_shard_size)
     my_shards = list(range(accelerator.process_index, num_shards, accelerator.num_processes))
     todo = [i for i in my_shards if not os.path.isfile(shard_file(cache_dir, i))]
-    log(f"Inversion cache {cache_dir}: {num_shards} shards, {len(my_shards) - len(todo)} of this process's "
-        f"{len(my_shards)} already written.")  # fmt: skip
-    progress = tqdm(total=sum(min(args.cache_shard_size, len(pairs) - i * args.cache_shard_size) for i in todo),
-                    desc="Inverting pairs", unit="pair", disable=not accelerator.is_local_main_process)  # fmt: skip
+    log(
+        f"Inversion cache {cache_dir}: {num_shards} shards, {len(my_shards) - len(todo)} of this process's "
+        f"{len(my_shards)} already written."
+    )
+    progress = tqdm(
+        total=sum(min(args.cache_shard_size, len(pairs) - i * args.cache_shard_size) for i in todo),
+        desc="Inverting pairs",
+        unit="pair",
+        disable=not accelerator.is_local_main_process,
+    )
     written_bytes = 0
     started = time.perf_counter()
     for shard in todo:
@@ -1580,14 +1874,17 @@ def precompute_inversion_cache(args, accelerator, dataset, step, fingerprint, lo
             progress.update(len(examples))
             if not kept:
                 continue
-            rows = _cache_rows(args, step, collate_pairs([example for _, example in kept]), grid, alphas_cumprod,
-                               accelerator)  # fmt: skip
+            rows = _cache_rows(
+                args, step, collate_pairs([example for _, example in kept]), grid, alphas_cumprod, accelerator
+            )
             rows["pair_index"] = torch.tensor([i for i, _ in kept])
             for name, value in rows.items():
                 columns.setdefault(name, []).append(value.cpu())
         tensors = {name: torch.cat(values).contiguous() for name, values in columns.items()}
-        tensors = {name: value.to(store_dtype) if value.is_floating_point() and name != "reference_errors" else value
-                   for name, value in tensors.items()}  # fmt: skip
+        tensors = {
+            name: value.to(store_dtype) if value.is_floating_point() and name != "reference_errors" else value
+            for name, value in tensors.items()
+        }
         partial = shard_file(cache_dir, shard) + ".partial"
         save_file(tensors, partial)
         os.replace(partial, shard_file(cache_dir, shard))
@@ -1603,20 +1900,25 @@ def precompute_inversion_cache(args, accelerator, dataset, step, fingerprint, lo
 
 def _cache_rows(args, step, batch, grid, alphas_cumprod, accelerator):
     """Cache entries for one batch of B pairs, in per-pair layout (B, 2, ...) with the winner at index 0."""
+
     def as_stored(tensor):  # e_ref must be computed on exactly what training will read back
         return tensor.to(CACHE_DTYPES[args.cache_dtype]).float()
 
     x0 = as_stored(step.encode_images(batch["pixel_values"]))
     encoder_hidden_states, added_cond_kwargs = step.encode_conditioning(batch)
     encoder_hidden_states = as_stored(encoder_hidden_states).to(encoder_hidden_states.dtype)
-    added_cond_kwargs = {k: as_stored(v).to(v.dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    added_cond_kwargs = (
+        {k: as_stored(v).to(v.dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    )
     num_pairs = len(x0) // 2
     prediction_type = step.inverse_scheduler.config.prediction_type
 
     def errors_at(latents, timesteps):
         noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
         target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
-        return reference_errors_at(step.reference, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs)
+        return reference_errors_at(
+            step.reference, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
+        )
 
     def per_pair(tensor):  # (2B, ...) winners first → (B, 2, ...)
         return torch.stack(tensor.chunk(2), dim=1)
@@ -1624,22 +1926,46 @@ def _cache_rows(args, step, batch, grid, alphas_cumprod, accelerator):
     with accelerator.autocast():
         if args.cache_timesteps == "grid":
             beyond_grid = torch.full((len(x0),), step.inverse_scheduler.config.num_train_timesteps, device=x0.device)
-            _, trajectory = ddim_invert(step.reference, x0, beyond_grid, encoder_hidden_states, step.inverse_scheduler,
-                                        eta=args.inversion_eta, generator=step.generator,
-                                        added_cond_kwargs=added_cond_kwargs, return_trajectory=True)  # fmt: skip
+            _, trajectory = ddim_invert(
+                step.reference,
+                x0,
+                beyond_grid,
+                encoder_hidden_states,
+                step.inverse_scheduler,
+                eta=args.inversion_eta,
+                generator=step.generator,
+                added_cond_kwargs=added_cond_kwargs,
+                return_trajectory=True,
+            )
             trajectory = as_stored(trajectory)
             inputs = grid_inversion_inputs(x0, trajectory, args.inversion_endpoint)
             errors = torch.stack([errors_at(inputs[k], grid[k].repeat(len(x0))) for k in range(len(grid))], dim=-1)
             rows = {"latents": per_pair(trajectory.transpose(0, 1)), "reference_errors": per_pair(errors)}
         else:
-            timesteps = torch.randint(0, step.inverse_scheduler.config.num_train_timesteps, (num_pairs,),
-                                      generator=step.generator, device=x0.device).repeat(2)  # fmt: skip
-            latents = ddim_invert(step.reference, x0, timesteps, encoder_hidden_states, step.inverse_scheduler,
-                                  eta=args.inversion_eta, endpoint=args.inversion_endpoint, generator=step.generator,
-                                  added_cond_kwargs=added_cond_kwargs)  # fmt: skip
+            timesteps = torch.randint(
+                0,
+                step.inverse_scheduler.config.num_train_timesteps,
+                (num_pairs,),
+                generator=step.generator,
+                device=x0.device,
+            ).repeat(2)
+            latents = ddim_invert(
+                step.reference,
+                x0,
+                timesteps,
+                encoder_hidden_states,
+                step.inverse_scheduler,
+                eta=args.inversion_eta,
+                endpoint=args.inversion_endpoint,
+                generator=step.generator,
+                added_cond_kwargs=added_cond_kwargs,
+            )
             latents = as_stored(latents)
-            rows = {"latents": per_pair(latents), "reference_errors": per_pair(errors_at(latents, timesteps)),
-                    "timesteps": timesteps[:num_pairs]}  # fmt: skip
+            rows = {
+                "latents": per_pair(latents),
+                "reference_errors": per_pair(errors_at(latents, timesteps)),
+                "timesteps": timesteps[:num_pairs],
+            }
     rows["x0"] = per_pair(x0)
     rows["encoder_hidden_states"] = encoder_hidden_states[:num_pairs]
     for name, value in (added_cond_kwargs or {}).items():
@@ -1658,13 +1984,21 @@ def _write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log
         with safe_open(shard_file(cache_dir, i), framework="pt") as f:
             num_pairs += f.get_slice("x0").get_shape()[0]
         total_bytes += os.path.getsize(shard_file(cache_dir, i))
-    manifest = {"fingerprint": fingerprint, "num_pairs": num_pairs, "num_shards": num_shards, "grid_timesteps": grid,
-                "bytes": total_bytes, "bytes_per_pair": total_bytes / max(num_pairs, 1),
-                "seconds_last_run": seconds}  # fmt: skip
+    manifest = {
+        "fingerprint": fingerprint,
+        "num_pairs": num_pairs,
+        "num_shards": num_shards,
+        "grid_timesteps": grid,
+        "bytes": total_bytes,
+        "bytes_per_pair": total_bytes / max(num_pairs, 1),
+        "seconds_last_run": seconds,
+    }
     with open(os.path.join(cache_dir, CACHE_MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=1)
-    log(f"Inversion cache complete: {num_pairs} pairs in {num_shards} shards, {total_bytes / 2**20:.1f} MiB "
-        f"({manifest['bytes_per_pair'] / 1024:.1f} KiB per pair).")  # fmt: skip
+    log(
+        f"Inversion cache complete: {num_pairs} pairs in {num_shards} shards, {total_bytes / 2**20:.1f} MiB "
+        f"({manifest['bytes_per_pair'] / 1024:.1f} KiB per pair)."
+    )
 
 
 class CachedPairs(torch.utils.data.Dataset):
@@ -1714,8 +2048,13 @@ class CachedPairs(torch.utils.data.Dataset):
             trajectory = self._read(shard, "latents", row)  # (2, K, C, H, W)
             latents = grid_inversion_inputs(x0, trajectory.transpose(0, 1), self.endpoint)[k]
             reference_errors = self._read(shard, "reference_errors", row)[:, k]
-        example = {"x0": x0, "latents": latents, "timestep": timestep, "reference_errors": reference_errors,
-                   "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row)}  # fmt: skip
+        example = {
+            "x0": x0,
+            "latents": latents,
+            "timestep": timestep,
+            "reference_errors": reference_errors,
+            "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row),
+        }
         for key in self.keys:
             if key.startswith("added_cond."):
                 example[key] = self._read(shard, key, row)
@@ -1736,9 +2075,11 @@ def collate_cached(examples):
         "reference_errors": winners_then_losers("reference_errors"),
         "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples]),
         "encoder_hidden_states": torch.cat([hidden, hidden]),
-        "added_cond_kwargs": {key[len("added_cond."):]: winners_then_losers(key) for key in examples[0]
-                              if key.startswith("added_cond.")} or None,
-    }  # fmt: skip
+        "added_cond_kwargs": {
+            key[len("added_cond.") :]: winners_then_losers(key) for key in examples[0] if key.startswith("added_cond.")
+        }
+        or None,
+    }
 
 
 class CachedInpoStep:
@@ -1761,8 +2102,16 @@ class CachedInpoStep:
         weight_dtype = weight_dtype_of(self.accelerator)
         added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
         with self.accelerator.autocast():
-            return score_pairs(self.unet, latents, target, timesteps, batch["encoder_hidden_states"].to(device, weight_dtype),
-                               batch["reference_errors"].to(device), self.args.beta_dpo, added)  # fmt: skip
+            return score_pairs(
+                self.unet,
+                latents,
+                target,
+                timesteps,
+                batch["encoder_hidden_states"].to(device, weight_dtype),
+                batch["reference_errors"].to(device),
+                self.args.beta_dpo,
+                added,
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1789,15 +2138,20 @@ class ModelFamily:
 
 def weight_loading_kwargs(args):
     """from_pretrained kwargs for weights: safetensors only unless --allow_unsafe_pickle_weights."""
-    return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir,
-            "use_safetensors": None if args.allow_unsafe_pickle_weights else True}  # fmt: skip
+    return {
+        "revision": args.revision,
+        "variant": args.variant,
+        "cache_dir": args.cache_dir,
+        "use_safetensors": None if args.allow_unsafe_pickle_weights else True,
+    }
 
 
 def load_unet(args):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                **weight_loading_kwargs(args))  # fmt: skip
+    return UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", **weight_loading_kwargs(args)
+    )
 
 
 def run(args, family):
@@ -1810,8 +2164,9 @@ def run(args, family):
     check_sharding(args, accelerator)
 
     # Cheap checks first (model family and prediction type from configs, then the data), weights last.
-    scheduler_config = check_model_family(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
-                                          want_sdxl=family.is_sdxl)  # fmt: skip
+    scheduler_config = check_model_family(
+        args.pretrained_model_name_or_path, args.revision, args.cache_dir, want_sdxl=family.is_sdxl
+    )
     check_local_pipeline(args, family.is_sdxl)
     seed = 0 if args.seed is None else args.seed
     if not args.precompute_inversion_cache:
@@ -1820,41 +2175,90 @@ def run(args, family):
     if from_cache:
         fingerprint = cache_fingerprint(args, scheduler_config, family.is_sdxl)
         manifest = read_cache_manifest(args.inversion_cache_dir, fingerprint)
-        pairs, collate_fn = CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, args.seed), collate_cached
-        logger.info(f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
-                    "encoder, reference forward or inversion per step.")  # fmt: skip
+        pairs, collate_fn = (
+            CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, args.seed),
+            collate_cached,
+        )
+        logger.info(
+            f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
+            "encoder, reference forward or inversion per step."
+        )
         frozen = {}
     elif args.streaming:
-        stream = load_preference_stream(args.dataset_name, args.dataset_split_name, args.cache_dir,
-                                        args.shuffle_buffer_size, seed, accelerator.process_index,
-                                        accelerator.num_processes)  # fmt: skip
+        stream = load_preference_stream(
+            args.dataset_name,
+            args.dataset_split_name,
+            args.cache_dir,
+            args.shuffle_buffer_size,
+            seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         pairs = StreamingPairs(stream, args.resolution, args.random_crop, not args.no_hflip, seed, accelerator)
         collate_fn = collate_pairs
         frozen = family.load_frozen_models(args, accelerator)
     else:
         with accelerator.main_process_first():
-            dataset = load_preference_dataset(args.dataset_name, args.dataset_split_name, args.cache_dir,
-                                              args.max_train_samples, args.seed, log=logger.info)  # fmt: skip
-        pairs, collate_fn = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed), collate_pairs
+            dataset = load_preference_dataset(
+                args.dataset_name,
+                args.dataset_split_name,
+                args.cache_dir,
+                args.max_train_samples,
+                args.seed,
+                log=logger.info,
+            )
+        pairs, collate_fn = (
+            PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed),
+            collate_pairs,
+        )
         frozen = family.load_frozen_models(args, accelerator)
     unet = load_unet(args)
 
     if args.precompute_inversion_cache:
         reference = unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype_of(accelerator)).eval()
-        step = family.make_step(frozen, args=args, accelerator=accelerator, unet=None, reference=reference,
-                                inverse_scheduler=make_inverse_scheduler(scheduler_config, args.inversion_steps),
-                                generator=None)  # fmt: skip
-        precompute_inversion_cache(args, accelerator, dataset, step,
-                                   cache_fingerprint(args, scheduler_config, family.is_sdxl), log=logger.info)  # fmt: skip
+        step = family.make_step(
+            frozen,
+            args=args,
+            accelerator=accelerator,
+            unet=None,
+            reference=reference,
+            inverse_scheduler=make_inverse_scheduler(scheduler_config, args.inversion_steps),
+            generator=None,
+        )
+        precompute_inversion_cache(
+            args,
+            accelerator,
+            dataset,
+            step,
+            cache_fingerprint(args, scheduler_config, family.is_sdxl),
+            log=logger.info,
+        )
         accelerator.end_training()
         return
 
     def make_step(unet, reference, inverse_scheduler, generator):
         if from_cache:
-            return CachedInpoStep(args, accelerator, unet, inverse_scheduler.alphas_cumprod,
-                                  inverse_scheduler.config.prediction_type)  # fmt: skip
-        return family.make_step(frozen, args=args, accelerator=accelerator, unet=unet, reference=reference,
-                                inverse_scheduler=inverse_scheduler, generator=generator)  # fmt: skip
+            return CachedInpoStep(
+                args, accelerator, unet, inverse_scheduler.alphas_cumprod, inverse_scheduler.config.prediction_type
+            )
+        return family.make_step(
+            frozen,
+            args=args,
+            accelerator=accelerator,
+            unet=unet,
+            reference=reference,
+            inverse_scheduler=inverse_scheduler,
+            generator=generator,
+        )
 
-    run_training(args, accelerator, family, scheduler_config, pairs, collate_fn, unet, make_step,
-                 functools.partial(family.make_pipeline, args, accelerator, **frozen))  # fmt: skip
+    run_training(
+        args,
+        accelerator,
+        family,
+        scheduler_config,
+        pairs,
+        collate_fn,
+        unet,
+        make_step,
+        functools.partial(family.make_pipeline, args, accelerator, **frozen),
+    )

@@ -52,8 +52,13 @@ class SDInpoStep(inpo_utils.InpoStep):
     @torch.no_grad()
     def encode_conditioning(self, batch):
         captions = self.drop_captions(batch["captions"])
-        ids = self.tokenizer(captions, max_length=self.tokenizer.model_max_length, padding="max_length",
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        ids = self.tokenizer(
+            captions,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         hidden_states = self.text_encoder(ids.to(self.text_encoder.device))[0]
         return hidden_states.repeat(2, 1, 1), None  # both images of a pair share the caption
 
@@ -61,9 +66,13 @@ class SDInpoStep(inpo_utils.InpoStep):
 def make_pipeline(args, accelerator, **components):
     """The base SD pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving."""
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False,
-        torch_dtype=inpo_utils.weight_dtype_of(accelerator), **inpo_utils.weight_loading_kwargs(args), **components,
-    )  # fmt: skip
+        args.pretrained_model_name_or_path,
+        safety_checker=None,
+        requires_safety_checker=False,
+        torch_dtype=inpo_utils.weight_dtype_of(accelerator),
+        **inpo_utils.weight_loading_kwargs(args),
+        **components,
+    )
     return pipeline.to(accelerator.device)
 
 
@@ -71,7 +80,9 @@ SD = inpo_utils.ModelFamily(
     is_sdxl=False,
     pipeline_cls=StableDiffusionPipeline,
     load_frozen_models=load_frozen_models,
-    make_step=lambda frozen, **kwargs: SDInpoStep(frozen["tokenizer"], frozen["text_encoder"], vae=frozen["vae"], **kwargs),
+    make_step=lambda frozen, **kwargs: SDInpoStep(
+        frozen["tokenizer"], frozen["text_encoder"], vae=frozen["vae"], **kwargs
+    ),
     make_pipeline=make_pipeline,
 )
 

@@ -23,15 +23,22 @@ import inpo_utils
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=inpo_utils.HelpFormatter)
-    inpo_utils.add_training_args(parser, default_beta=5000.0, default_resolution=1024,
-                                 default_output_dir="inpo-sdxl-lora")  # fmt: skip
+    inpo_utils.add_training_args(
+        parser, default_beta=5000.0, default_resolution=1024, default_output_dir="inpo-sdxl-lora"
+    )
     group = parser.add_argument_group("SDXL")
-    group.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                       help="A VAE that is stable in fp16 (madebyollin/sdxl-vae-fp16-fix). Without it the base VAE "
-                            "runs in fp32 under fp16 training.")  # fmt: skip
-    group.add_argument("--fixed_time_ids", action="store_true",
-                       help="Condition every image on (res, res, 0, 0, res, res) as the InPO authors do, instead of "
-                            "its real original size and crop.")  # fmt: skip
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE that is stable in fp16 (madebyollin/sdxl-vae-fp16-fix). Without it the base VAE "
+        "runs in fp32 under fp16 training.",
+    )
+    group.add_argument(
+        "--fixed_time_ids",
+        action="store_true",
+        help="Condition every image on (res, res, 0, 0, res, res) as the InPO authors do, instead of "
+        "its real original size and crop.",
+    )
     args = parser.parse_args(argv)
     inpo_utils.validate_training_args(args)
     return args
@@ -59,8 +66,9 @@ def load_frozen_models(args, accelerator):
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
     }
     if args.pretrained_vae_model_name_or_path:
-        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
-                                                      **dict(weights, revision=None, variant=None))  # fmt: skip
+        frozen["vae"] = AutoencoderKL.from_pretrained(
+            args.pretrained_vae_model_name_or_path, **dict(weights, revision=None, variant=None)
+        )
     else:
         frozen["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
 
@@ -68,7 +76,9 @@ def load_frozen_models(args, accelerator):
     for encoder in (frozen["text_encoder"], frozen["text_encoder_2"]):
         encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
     # The original SDXL VAE overflows in fp16; only a VAE made for it (the fp16-fix) runs in half precision.
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path else weight_dtype
+    vae_dtype = (
+        torch.float32 if weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path else weight_dtype
+    )
     frozen["vae"].requires_grad_(False).to(accelerator.device, dtype=vae_dtype).eval()
     return frozen
 
@@ -86,8 +96,13 @@ class SDXLInpoStep(inpo_utils.InpoStep):
         captions = self.drop_captions(batch["captions"])
         hidden_states = []
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                            return_tensors="pt").input_ids  # fmt: skip
+            ids = tokenizer(
+                captions,
+                max_length=tokenizer.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             output = encoder(ids.to(encoder.device), output_hidden_states=True)
             hidden_states.append(output.hidden_states[-2])
         pooled = output[0]  # text_embeds of the projection encoder, as SDXL pipelines use it
@@ -106,9 +121,11 @@ class SDXLInpoStep(inpo_utils.InpoStep):
 def make_pipeline(args, accelerator, **components):
     """The base SDXL pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, torch_dtype=inpo_utils.weight_dtype_of(accelerator),
-        **inpo_utils.weight_loading_kwargs(args), **components,
-    )  # fmt: skip
+        args.pretrained_model_name_or_path,
+        torch_dtype=inpo_utils.weight_dtype_of(accelerator),
+        **inpo_utils.weight_loading_kwargs(args),
+        **components,
+    )
     return pipeline.to(accelerator.device)
 
 
@@ -117,8 +134,10 @@ SDXL = inpo_utils.ModelFamily(
     pipeline_cls=StableDiffusionXLPipeline,
     load_frozen_models=load_frozen_models,
     make_step=lambda frozen, **kwargs: SDXLInpoStep(
-        [frozen["tokenizer"], frozen["tokenizer_2"]], [frozen["text_encoder"], frozen["text_encoder_2"]],
-        vae=frozen["vae"], **kwargs,
+        [frozen["tokenizer"], frozen["tokenizer_2"]],
+        [frozen["text_encoder"], frozen["text_encoder_2"]],
+        vae=frozen["vae"],
+        **kwargs,
     ),
     make_pipeline=make_pipeline,
 )

@@ -6,17 +6,19 @@ import sys
 
 import pytest
 
+
 # One thread per process: on a 2-core machine, torch's default thread pool oversubscribes the cores as soon as a
 # subprocess runs beside pytest, and tiny models then run 10-30x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
+
 
 torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import demo
+import demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,22 +52,42 @@ def uninterrupted(tiny_sd, pickapic, tmp_path_factory):
 
 def launch(script, *args, num_processes=1, check=True):
     """Run a training script the way users do, through `accelerate launch`, on the CPU."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--cpu",
-               "--num_cpu_threads_per_process", "1",
-               os.path.join(REPO, script), *map(str, args)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--cpu",
+        "--num_cpu_threads_per_process",
+        "1",
+        os.path.join(REPO, script),
+        *map(str, args),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
 def tiny_run_args(model, data, output_dir, steps=4, **overrides):
     """Flags for a few-step tiny run; keyword overrides replace or add flags (True adds a bare switch)."""
     flags = {
-        "pretrained_model_name_or_path": model, "dataset_name": data, "output_dir": output_dir,
-        "resolution": 32, "train_batch_size": 2, "max_train_steps": steps, "learning_rate": 1e-3,
-        "beta_dpo": 500, "rank": 4, "seed": 0, "report_to": "tensorboard", "checkpointing_steps": 1000,
-    }  # fmt: skip
+        "pretrained_model_name_or_path": model,
+        "dataset_name": data,
+        "output_dir": output_dir,
+        "resolution": 32,
+        "train_batch_size": 2,
+        "max_train_steps": steps,
+        "learning_rate": 1e-3,
+        "beta_dpo": 500,
+        "rank": 4,
+        "seed": 0,
+        "report_to": "tensorboard",
+        "checkpointing_steps": 1000,
+    }
     flags.update(overrides)
     args = []
     for name, value in flags.items():

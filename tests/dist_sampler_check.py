@@ -14,12 +14,20 @@ from accelerate.utils import gather_object
 import inpo_utils
 import train_inpo
 
+
 args = train_inpo.parse_args(sys.argv[1:])
 accelerator = inpo_utils.make_accelerator(args)
 epochs = []
 if args.streaming:
-    stream = inpo_utils.load_preference_stream(args.dataset_name, "train", None, args.shuffle_buffer_size, args.seed,
-                                               accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    stream = inpo_utils.load_preference_stream(
+        args.dataset_name,
+        "train",
+        None,
+        args.shuffle_buffer_size,
+        args.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     pairs = inpo_utils.StreamingPairs(stream, args.resolution, False, False, args.seed, accelerator)
     mine = [[], []]
     for example in pairs:

@@ -1,17 +1,16 @@
 """Data pipeline and bad-input behaviour: every refusal says what is wrong before any model is loaded."""
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import launch, tiny_run_args
 from PIL import Image
 
 import demo
 import inpo_utils
 import train_inpo
+from conftest import launch, tiny_run_args
 
 
 def png(color, size=(40, 48)):
@@ -48,8 +47,14 @@ def test_resize_and_crop_reports_sdxl_micro_conditioning():
 def test_flip_is_shared_by_both_images_of_a_pair(tmp_path):
     left_white = np.zeros((32, 32, 3), dtype=np.uint8)
     left_white[:, :16] = 255
-    rows = [{"caption": "a cat", "jpg_0": demo.encode_png(left_white), "jpg_1": demo.encode_png(left_white),
-             "label_0": 1.0}]  # fmt: skip
+    rows = [
+        {
+            "caption": "a cat",
+            "jpg_0": demo.encode_png(left_white),
+            "jpg_1": demo.encode_png(left_white),
+            "label_0": 1.0,
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "train-00000-of-00001.parquet"))
     dataset = inpo_utils.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
     pairs = inpo_utils.PreferencePairs(dataset, resolution=32, hflip=True, seed=0)
@@ -78,8 +83,10 @@ def test_ties_and_bad_rows_are_dropped_and_counted(tmp_path):
 
 
 def test_missing_columns_are_named(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": png(0), "label_0": 1.0}]),
-                   str(tmp_path / "train-00000-of-00001.parquet"))  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist([{"caption": "x", "jpg_0": png(0), "label_0": 1.0}]),
+        str(tmp_path / "train-00000-of-00001.parquet"),
+    )
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['jpg_1'\]"):
         inpo_utils.load_preference_dataset(str(tmp_path), "train")
 

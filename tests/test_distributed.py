@@ -9,18 +9,22 @@ import types
 
 import pytest
 import torch
-from conftest import REPO, launch, read_scalars, tiny_run_args
 from safetensors.torch import load_file
 
 import inpo_utils
+from conftest import REPO, launch, read_scalars, tiny_run_args
+
 
 # ZeRO-2 on every process, as accelerate_configs/deepspeed_zero2.yaml sets it (without accumulation or fp16).
 DEEPSPEED_ZERO2_ENV = {
-    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
-    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
-    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+    "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
     "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
-}  # fmt: skip
+}
 
 
 def torchrun(script, *args, nproc=2, deepspeed=False):
@@ -31,8 +35,17 @@ def torchrun(script, *args, nproc=2, deepspeed=False):
     env.update(DEEPSPEED_ZERO2_ENV if deepspeed else {"ACCELERATE_USE_CPU": "1"})
     shim = [os.path.join(REPO, "tests", "deepspeed_cpu.py")] if deepspeed else []
     # --standalone: a free port per run, so test workers running side by side do not collide.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               *shim, os.path.join(REPO, script), *map(str, args)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *shim,
+        os.path.join(REPO, script),
+        *map(str, args),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
     return result
@@ -68,8 +81,10 @@ def test_two_process_sd_run_then_one_process_resume(tiny_sd, pickapic, tmp_path)
     assert "Num processes: 2" in log and "total pairs per step (processes x accumulation) = 4" in log
     assert "Trained weights identical on all 2 processes" in log
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "random_states_1.pkl"))
-    resumed = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=2,
-                                                     resume_from_checkpoint="latest"))  # fmt: skip
+    resumed = launch(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"),
+    )
     assert "Resuming from" in resumed.stdout + resumed.stderr
     assert os.path.isdir(os.path.join(out, "checkpoint-4"))
     assert sorted(read_scalars(out, "loss")) == [1, 2, 3, 4]
@@ -80,9 +95,15 @@ def test_deepspeed_zero2_full_fine_tune_exports_a_loadable_pipeline(tiny_sd, pic
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out = str(tmp_path / "run")
-    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2,
-                                                      train_mode="full", learning_rate=1e-4), deepspeed=True)  # fmt: skip
-    assert "DistributedType.DEEPSPEED" in result.stderr and "Trained weights identical on all 2 processes" in result.stderr
+    result = torchrun(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2, train_mode="full", learning_rate=1e-4),
+        deepspeed=True,
+    )
+    assert (
+        "DistributedType.DEEPSPEED" in result.stderr
+        and "Trained weights identical on all 2 processes" in result.stderr
+    )
     tuned = StableDiffusionPipeline.from_pretrained(out).unet
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
@@ -99,8 +120,11 @@ def test_deepspeed_zero2_lora_resumes_exactly_in_two_processes_and_loads_in_diff
     out = str(tmp_path / "run")
     torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1), deepspeed=True)
     again = resumed_from_copy(os.path.join(out, "checkpoint-1"), str(tmp_path / "again"))
-    result = torchrun("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
-                                                      resume_from_checkpoint="latest"), deepspeed=True)  # fmt: skip
+    result = torchrun(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1, resume_from_checkpoint="latest"),
+        deepspeed=True,
+    )
     assert "Loading DeepSpeed Model and Optimizer" in result.stderr
     assert_same_lora(out, again)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
@@ -112,7 +136,12 @@ def test_fsdp_refuses_what_it_cannot_run():
     from accelerate.utils import DistributedType
 
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    settings = {"train_mode": "full", "latent_source": "inversion", "inversion_model": "reference", "inversion_cache_dir": None}
+    settings = {
+        "train_mode": "full",
+        "latent_source": "inversion",
+        "inversion_model": "reference",
+        "inversion_cache_dir": None,
+    }
     inpo_utils.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
     with pytest.raises(ValueError, match="FSDP is for --train_mode full"):
         inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)

@@ -6,17 +6,19 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import launch, tiny_run_args
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 import inpo_utils
 import train_inpo_sdxl
+from conftest import launch, tiny_run_args
 
 
 def generate(pipe):
     generator = torch.Generator().manual_seed(0)
-    return pipe("a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np").images
+    return pipe(
+        "a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np"
+    ).images
 
 
 def test_sdxl_lora_run_loads_in_sdxl_pipeline_and_changes_output(tiny_sdxl, pickapic, tmp_path):
@@ -45,19 +47,36 @@ def test_conditioning_shapes_and_time_ids(tiny_sdxl, fixed):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
-                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]  # fmt: skip
+    encoders = [
+        CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2"),
+    ]
     args = types.SimpleNamespace(resolution=32, fixed_time_ids=fixed, proportion_empty_prompts=0.0)
-    step = train_inpo_sdxl.SDXLInpoStep(tokenizers, encoders, args=args, accelerator=None, unet=None, reference=None,
-                                        vae=None, inverse_scheduler=None, generator=torch.Generator())  # fmt: skip
-    batch = {"captions": ["a cat", "a dog"], "original_sizes": torch.tensor([[40, 48], [50, 60], [40, 48], [70, 80]]),
-             "crop_top_lefts": torch.tensor([[0, 4], [0, 7], [0, 4], [1, 2]])}  # fmt: skip
+    step = train_inpo_sdxl.SDXLInpoStep(
+        tokenizers,
+        encoders,
+        args=args,
+        accelerator=None,
+        unet=None,
+        reference=None,
+        vae=None,
+        inverse_scheduler=None,
+        generator=torch.Generator(),
+    )
+    batch = {
+        "captions": ["a cat", "a dog"],
+        "original_sizes": torch.tensor([[40, 48], [50, 60], [40, 48], [70, 80]]),
+        "crop_top_lefts": torch.tensor([[0, 4], [0, 7], [0, 4], [1, 2]]),
+    }
     hidden, added = step.encode_conditioning(batch)
     assert hidden.shape == (4, 16, 64)  # 2 pairs x 2 images, both encoders' 32-d states concatenated
     torch.testing.assert_close(hidden[:2], hidden[2:])  # a pair shares its caption
     assert added["text_embeds"].shape == (4, 32)
-    expected = [[32, 32, 0, 0, 32, 32]] * 4 if fixed else [[40, 48, 0, 4, 32, 32], [50, 60, 0, 7, 32, 32],
-                                                            [40, 48, 0, 4, 32, 32], [70, 80, 1, 2, 32, 32]]  # fmt: skip
+    expected = (
+        [[32, 32, 0, 0, 32, 32]] * 4
+        if fixed
+        else [[40, 48, 0, 4, 32, 32], [50, 60, 0, 7, 32, 32], [40, 48, 0, 4, 32, 32], [70, 80, 1, 2, 32, 32]]
+    )
     assert added["time_ids"].tolist() == expected
 
 
