@@ -21,40 +21,28 @@ def cache_args(model, data, cache_dir, **overrides):
 def precompute_in_process(args, record=None):
     """What `train_inpo.py --precompute_inversion_cache` does, in this process; returns the reference UNet."""
     accelerator = Accelerator(cpu=True)
-    scheduler_config = inpo_utils.check_model_family(args.pretrained_model_name_or_path, None, None, want_sdxl=False)
-    dataset = inpo_utils.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
+    scheduler_config = train_inpo.check_model_family(args.pretrained_model_name_or_path, None, None, want_sdxl=False)
+    dataset = train_inpo.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
     frozen = train_inpo.load_frozen_models(args, accelerator)
-    reference = inpo_utils.load_unet(args).requires_grad_(False)
-    step = train_inpo.SD.make_step(
-        frozen,
-        args=args,
-        accelerator=accelerator,
-        unet=None,
-        reference=reference,
-        inverse_scheduler=inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps),
-        generator=None,
-    )
+    reference = train_inpo.load_unet(args).requires_grad_(False)
+    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
     if record is not None:
-        original = inpo_utils._cache_rows
+        original = inpo_utils.cache_rows
 
         def recording(*a, **k):
             rows = original(*a, **k)
             record.append({name: value.clone() for name, value in rows.items()})
             return rows
 
-        inpo_utils._cache_rows = recording
+        inpo_utils.cache_rows = recording
     try:
-        inpo_utils.precompute_inversion_cache(
-            args,
-            accelerator,
-            dataset,
-            step,
-            inpo_utils.cache_fingerprint(args, scheduler_config, False),
-            log=lambda _: None,
+        fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, False)
+        train_inpo.precompute_inversion_cache(
+            args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint
         )
     finally:
         if record is not None:
-            inpo_utils._cache_rows = original
+            inpo_utils.cache_rows = original
     return accelerator, scheduler_config, reference
 
 
@@ -106,9 +94,7 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickap
             parameter.data.normal_(0, 0.05)
     reference = inpo_utils.AdaptersDisabled(unet)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
-    cached_loss, cached_metrics = inpo_utils.CachedInpoStep(
-        args, accelerator, unet, inverse_scheduler.alphas_cumprod, "epsilon"
-    )(batch)
+    cached_loss, cached_metrics = train_inpo.compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
     online_loss, online_metrics = inpo_utils.inpo_step_loss(
         unet,
         reference,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import inpo_utils
+import train_inpo
 from conftest import REPO, launch, read_scalars, tiny_run_args
 
 
@@ -142,11 +142,11 @@ def test_fsdp_refuses_what_it_cannot_run():
         "inversion_model": "reference",
         "inversion_cache_dir": None,
     }
-    inpo_utils.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
+    train_inpo.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
     with pytest.raises(ValueError, match="FSDP is for --train_mode full"):
-        inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)
+        train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)
     with pytest.raises(ValueError, match="--inversion_model reference"):
-        inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
+        train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
 
 
 def test_two_process_sdxl_run(tiny_sdxl, pickapic, tmp_path):

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 import demo
-import inpo_utils
 import train_inpo
 from conftest import REPO, launch, read_scalars, tiny_run_args
 
@@ -63,17 +62,17 @@ def test_non_finite_step_leaves_the_last_good_checkpoint_alone(tiny_sd, pickapic
     )
     assert result.returncode != 0
     assert "at optimizer step 3" in result.stderr and "the last good checkpoint is checkpoint-2" in result.stderr
-    assert inpo_utils.list_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    assert train_inpo.list_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
     assert {name: os.stat(os.path.join(checkpoint, name)).st_mtime_ns for name in os.listdir(checkpoint)} == before
 
 
 def test_half_written_checkpoint_is_never_picked_as_latest(tmp_path):
     os.makedirs(tmp_path / "checkpoint-2")
     os.makedirs(tmp_path / ".partial-checkpoint-4")  # what a kill during save leaves behind
-    assert inpo_utils.resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert train_inpo.resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
     os.makedirs(tmp_path / "checkpoint-10")
-    assert inpo_utils.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]  # numeric order
-    assert inpo_utils.prune_checkpoints(str(tmp_path), total_limit=2) == ["checkpoint-2"]
+    assert train_inpo.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]  # numeric order
+    assert train_inpo.prune_checkpoints(str(tmp_path), total_limit=2) == ["checkpoint-2"]
 
 
 def test_kill_9_then_resume_latest_equals_uninterrupted_run(tiny_sd, pickapic, uninterrupted, tmp_path):
@@ -130,7 +129,7 @@ def test_missing_subfolder_is_named(tiny_sd, tmp_path):
     shutil.rmtree(os.path.join(model, "vae"))
     args = train_inpo.parse_args(tiny_run_args(model, "data", str(tmp_path / "o")))
     with pytest.raises(ValueError, match=r"lacks the subfolder\(s\) \['vae'\]"):
-        inpo_utils.check_local_pipeline(args, is_sdxl=False)
+        train_inpo.check_local_pipeline(args)
 
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path):
@@ -142,11 +141,11 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     unet.save_pretrained(os.path.join(model, "unet"), safe_serialization=False)  # a pickle .bin
     args = train_inpo.parse_args(tiny_run_args(model, "data", str(tmp_path / "o")))
     with pytest.raises(OSError, match="safetensors"):
-        inpo_utils.load_unet(args)
+        train_inpo.load_unet(args)
     allowed = train_inpo.parse_args(
         tiny_run_args(model, "data", str(tmp_path / "o"), allow_unsafe_pickle_weights=True)
     )
-    assert inpo_utils.load_unet(allowed) is not None
+    assert train_inpo.load_unet(allowed) is not None
 
 
 def test_hub_token_never_reaches_logs_trackers_or_model_card(tiny_sd, pickapic, tmp_path):

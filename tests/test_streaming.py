@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_distributed import torchrun
 
 import demo
-import inpo_utils
+import train_inpo
 from conftest import launch, tiny_run_args
 
 
@@ -63,15 +63,15 @@ def test_stream_drops_ties_and_bad_rows_like_the_map_style_path(tmp_path, caplog
         },
     ]
     path = demo.build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
-    stream = inpo_utils.load_preference_stream(
+    stream = train_inpo.load_preference_stream(
         path, "train", None, shuffle_buffer_size=16, seed=0, process_index=0, num_processes=1
     )
-    pairs = inpo_utils.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
-    with caplog.at_level(logging.INFO, logger="inpo_utils"):
+    pairs = train_inpo.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
+    with caplog.at_level(logging.INFO, logger="train_inpo"):
         (streamed,) = epochs_of(pairs, 1)
 
-    map_style = inpo_utils.PreferencePairs(
-        inpo_utils.load_preference_dataset(path, "train", log=lambda _: None), 32, hflip=False
+    map_style = train_inpo.PreferencePairs(
+        train_inpo.load_preference_dataset(path, "train", log=lambda _: None), 32, hflip=False
     )
     decodable = [example for example in map(map_style.__getitem__, range(len(map_style))) if example is not None]
     assert len(streamed) == 4 and sorted(map(digest, streamed)) == sorted(map(digest, decodable))
@@ -81,10 +81,10 @@ def test_stream_drops_ties_and_bad_rows_like_the_map_style_path(tmp_path, caplog
 
 
 def test_stream_reshuffles_each_epoch_and_reads_every_pair_once(pickapic):
-    stream = inpo_utils.load_preference_stream(
+    stream = train_inpo.load_preference_stream(
         pickapic, "train", None, shuffle_buffer_size=16, seed=0, process_index=0, num_processes=1
     )
-    pairs = inpo_utils.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
+    pairs = train_inpo.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
     first, second = [list(map(digest, epoch)) for epoch in epochs_of(pairs, 2)]
     assert len(first) == len(set(first)) == 8
     assert sorted(first) == sorted(second) and first != second
@@ -99,7 +99,7 @@ def test_stream_with_missing_columns_fails_before_training(tmp_path):
         str(tmp_path / "train-00000-of-00001.parquet"),
     )
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['jpg_1'\]"):
-        inpo_utils.load_preference_stream(str(tmp_path), "train", None, 8, 0, 0, 1)
+        train_inpo.load_preference_stream(str(tmp_path), "train", None, 8, 0, 0, 1)
 
 
 def streaming_args(model, data, out, **overrides):
@@ -127,8 +127,8 @@ def test_streaming_resume_continues_exactly(tiny_sd, pickapic, tmp_path):
 def test_two_process_stream_partitions_each_epoch(tiny_sd, pickapic, tmp_path):
     result = torchrun("tests/dist_sampler_check.py", *streaming_args(tiny_sd, pickapic, str(tmp_path), seed=3))
     epochs = json.loads(result.stdout.split("EPOCHS=")[1].splitlines()[0])
-    stream = inpo_utils.load_preference_stream(pickapic, "train", None, 16, 0, 0, 1)
-    (epoch,) = epochs_of(inpo_utils.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS), 1)
+    stream = train_inpo.load_preference_stream(pickapic, "train", None, 16, 0, 0, 1)
+    (epoch,) = epochs_of(train_inpo.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS), 1)
     all_pairs = sorted(digest(example)[:12] for example in epoch)
     for per_process in epochs:
         assert all(per_process)  # both processes read some
@@ -140,8 +140,8 @@ def test_resume_with_another_process_count_says_what_it_cannot_restore(pickapic,
     from accelerate.state import PartialState
 
     PartialState(cpu=True)  # the warning goes through accelerate's main-process logger
-    stream = inpo_utils.load_preference_stream(pickapic, "train", None, 4, 0, 0, 1)
-    pairs = inpo_utils.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS)
+    stream = train_inpo.load_preference_stream(pickapic, "train", None, 4, 0, 0, 1)
+    pairs = train_inpo.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS)
     written_by_two = {"positions": torch.tensor([[1, 3], [2, 0]])}  # (epoch, rows read) of each process
     with caplog.at_level(logging.WARNING):
         pairs.load_state_dict(written_by_two)

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-import inpo_utils
+import train_inpo
 from conftest import launch, read_scalars, tiny_run_args
 
 
@@ -113,12 +113,12 @@ def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupte
     common = {"checkpointing_steps": 2}
     # Stop after the checkpoint at step 2, then resume from it up to the uninterrupted run's 6 steps.
     launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=2, **common))
-    assert inpo_utils.list_checkpoints(part) == ["checkpoint-2"]
+    assert train_inpo.list_checkpoints(part) == ["checkpoint-2"]
     result = launch(
         "train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=6, resume_from_checkpoint="latest", **common)
     )
     assert "Resuming from" in result.stdout + result.stderr
-    assert inpo_utils.list_checkpoints(part) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert train_inpo.list_checkpoints(part) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     resumed = load_file(os.path.join(part, "pytorch_lora_weights.safetensors"))
     straight = load_file(os.path.join(uninterrupted, "pytorch_lora_weights.safetensors"))
     assert resumed.keys() == straight.keys()
