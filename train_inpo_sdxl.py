@@ -384,7 +384,6 @@ def validate_args(args):
 def check_sharding(args, accelerator):
     """Refuse what FSDP cannot run, before any weights load. (DeepSpeed ZeRO-2 shards only optimizer states and
     gradients, so every process still holds whole weights and everything else works as under DDP.)"""
-
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     problems = []
@@ -434,7 +433,6 @@ def check_local_pipeline(args):
 def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_sdxl):
     """Read the UNet and scheduler configs (no weights) and refuse the wrong family or a prediction type we
     can't train. Returns the scheduler config."""
-
     try:
         unet_config = UNet2DConditionModel.load_config(
             pretrained_model_name_or_path, subfolder="unet", revision=revision, cache_dir=cache_dir
@@ -478,7 +476,6 @@ def find_problem(caption, image_bytes_0, image_bytes_1):
 
     Only the image headers are parsed here (cheap); a body that fails to decode later is dropped in `collate_pairs`.
     """
-
     if not isinstance(caption, str) or not caption.strip():
         return "empty caption"
     for name, data in (("jpg_0", image_bytes_0), ("jpg_1", image_bytes_1)):
@@ -513,7 +510,6 @@ def check_labels(labels):
 
 # Copied from train_inpo.load_split
 def load_split(dataset_name, split, cache_dir, streaming=False):
-
     try:
         return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir, streaming=streaming)
     except ValueError as error:
@@ -579,7 +575,6 @@ def resize_and_crop(image, resolution, crop_fraction=(0.5, 0.5), flip=False):
     (pixels (3, R, R) float32, original_size (h, w), crop_top_left (top, left)) — the last two are SDXL's
     micro-conditioning, measured in the resized image as diffusers' SDXL training scripts do.
     """
-
     image = image.convert("RGB")
     original_size = (image.height, image.width)
     scale = resolution / min(image.width, image.height)
@@ -598,7 +593,6 @@ def resize_and_crop(image, resolution, crop_fraction=(0.5, 0.5), flip=False):
 def transform_pair(row, index, resolution, rng, random_crop, hflip):
     """A decided Pick-a-Pic row → the example `collate_pairs` batches (preferred image first), or None when an
     image body does not decode. Both images share the crop fractions and the flip drawn from `rng`."""
-
     crop_fraction = tuple(rng.uniform(size=2)) if random_crop else (0.5, 0.5)
     flip = hflip and bool(rng.integers(2))
     preferred, rejected = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
@@ -653,7 +647,6 @@ def load_preference_stream(dataset_name, split, cache_dir, shuffle_buffer_size, 
     number divides evenly, otherwise every num_processes-th row; the shuffle (seeded, reshuffled by `set_epoch`)
     is identical on every process, so the shares partition each epoch.
     """
-
     stream = load_split(dataset_name, split, cache_dir, streaming=True)
     first = next(iter(stream), None)
     if first is None:
@@ -819,7 +812,6 @@ def load_training_data(args, accelerator, scheduler_config):
 
 # Copied from train_inpo.make_accelerator
 def make_accelerator(args):
-
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -887,7 +879,6 @@ def load_frozen_models(args, accelerator):
 
 # Copied from train_inpo.load_unet
 def load_unet(args):
-
     return UNet2DConditionModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="unet", **weight_loading_kwargs(args)
     )
@@ -912,7 +903,6 @@ def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
     the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype
     (not made when `with_reference` is False: training from the cache needs none).
     """
-
     weight_dtype = weight_dtype_of(accelerator)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -973,7 +963,6 @@ def resolve_max_train_steps(args, num_batches_per_epoch):
 
 # Copied from train_inpo.make_lr_scheduler
 def make_lr_scheduler(optimizer, args, num_processes):
-
     # The prepared scheduler steps once per process per optimizer step.
     return get_scheduler(
         args.lr_scheduler,
@@ -986,7 +975,6 @@ def make_lr_scheduler(optimizer, args, num_processes):
 # Copied from train_inpo.lora_layers
 def lora_layers(unet):
     """The UNet's LoRA weights in diffusers' format (what `save_lora_weights` writes)."""
-
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
@@ -994,7 +982,6 @@ def lora_layers(unet):
 def register_checkpoint_hooks(accelerator, args):
     """Make `save_state` write the LoRA in diffusers' format (or the full UNet) instead of a pickled state dict,
     and `load_state` read it back, keeping trainable parameters in fp32."""
-
     if accelerator.distributed_type == DistributedType.FSDP:
         return  # accelerate saves and restores FSDP's shards itself; the unwrapped module holds only one shard
 
@@ -1122,10 +1109,11 @@ def encode_prompt(batch, frozen, args, generator):
 
 
 # Copied from train_inpo.compute_loss
-def compute_loss(batch, unet, reference, frozen, inverse_scheduler, args, accelerator, generator):
-    """Online InPO on one micro-batch: latents and conditioning, then `inpo_utils.inpo_step_loss`."""
-    x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
-    encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)
+def compute_loss(
+    x0, encoder_hidden_states, added_cond_kwargs, unet, reference, inverse_scheduler, args, accelerator, generator
+):
+    """Online InPO on one micro-batch of latents and conditioning: `inpo_utils.inpo_step_loss` with the policy
+    (or the reference, per --inversion_model) inverting."""
     policy = accelerator.unwrap_model(unet)
     inversion_unet = policy if args.inversion_model == "policy" else reference
     with accelerator.autocast():
@@ -1233,7 +1221,6 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
 # Copied from train_inpo.prune_checkpoints
 def prune_checkpoints(output_dir, total_limit, about_to_save=1):
     """Delete the oldest checkpoints so that at most `total_limit` remain after saving `about_to_save` more."""
-
     if total_limit is None:
         return []
     checkpoints = list_checkpoints(output_dir)
@@ -1248,7 +1235,6 @@ def prune_checkpoints(output_dir, total_limit, about_to_save=1):
 def save_checkpoint(accelerator, args, global_step):
     """`accelerator.save_state` into a temporary folder, then an atomic rename: a run killed mid-save never
     leaves a half-written checkpoint for `latest` to pick."""
-
     final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     partial = os.path.join(args.output_dir, f".partial-{CHECKPOINT_PREFIX}{global_step}")
     if accelerator.is_main_process:
@@ -1392,7 +1378,6 @@ def run_validation(args, accelerator, unet, frozen, global_step):
 # Copied from train_inpo.write_model_card
 def write_model_card(args, output_dir, images=None):
     """README.md for the output folder: base model, data, InPO settings; the validation grid if there is one."""
-
     if images:
         make_image_grid(images, 1, len(images)).save(os.path.join(output_dir, "validation_grid.png"))
     kind = "LoRA adapters" if args.train_mode == "lora" else "a fully fine-tuned UNet"
@@ -1436,7 +1421,6 @@ Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on th
 
 # Copied from train_inpo.push_output_to_hub
 def push_output_to_hub(args):
-
     repo_id = create_repo(
         args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token
     ).repo_id
@@ -1659,11 +1643,21 @@ def main(argv=None):
             if batch is None:
                 continue
             with accelerator.accumulate(unet):
-                if "x0" in batch:  # a batch of the inversion cache
+                if "x0" in batch:  # a batch of the inversion cache: latents, conditioning and e_ref stored
                     loss, metrics = compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
                 else:
+                    x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
+                    encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)
                     loss, metrics = compute_loss(
-                        batch, unet, reference, frozen, inverse_scheduler, args, accelerator, generator
+                        x0,
+                        encoder_hidden_states,
+                        added_cond_kwargs,
+                        unet,
+                        reference,
+                        inverse_scheduler,
+                        args,
+                        accelerator,
+                        generator,
                     )
                 # Decided on the values of every process, so all of them skip or step together.
                 if all_finite(accelerator, loss.detach()):
