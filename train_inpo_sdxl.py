@@ -6,51 +6,854 @@
       --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
       --dataset_name yuvalkirstain/pickapic_v2 --output_dir inpo-sdxl-lora
 
-Stages: arguments → frozen models → the training step (`SDXLInpoStep`); `inpo_utils.run` loads the data, runs
-the loop (or precomputes the inversion cache) and saves.
-This file holds only what is particular to SDXL: two text encoders, pooled text embeddings and size/crop
-micro-conditioning ("time ids").
+The same script as train_inpo.py, for SDXL: two text encoders, pooled text embeddings and size/crop
+micro-conditioning ("time ids"). What it shares with train_inpo.py stands under `# Copied from train_inpo.<name>`
+lines, kept identical by `python utils/check_copies.py` (`--fix` rewrites them); change those in train_inpo.py.
+`inpo_utils.py` holds the method (DDIM inversion, the InPO loss) and the inversion cache format.
 """
 
 import argparse
+import copy
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
 
+import datasets
+import numpy as np
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, send_to_device, set_seed
+from datasets.distributed import split_dataset_by_node
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from diffusers.utils.import_utils import is_xformers_available
+from diffusers.utils.torch_utils import is_compiled_module
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import inpo_utils
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=inpo_utils.HelpFormatter)
-    inpo_utils.add_training_args(parser, default_beta=5000.0, default_resolution=1024,
-                                 default_output_dir="inpo-sdxl-lora")  # fmt: skip
+logger = get_logger(__name__)
+
+IS_SDXL = True
+# Copied from train_inpo.DEFAULT_VALIDATION_PROMPTS
+DEFAULT_VALIDATION_PROMPTS = [
+    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour",
+    "a cute dragon made of wool, studio lighting",
+    "a photo of an astronaut riding a horse on mars",
+    "a watercolor painting of a lighthouse at dawn",
+]
+# Copied from train_inpo.PAIR_COLUMNS
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+# Copied from train_inpo.CHECKPOINT_PREFIX
+CHECKPOINT_PREFIX = "checkpoint-"
+# Copied from train_inpo.LORA_WEIGHT_NAME
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Copied from train_inpo.RUN_SETTINGS_FILE
+RUN_SETTINGS_FILE = "inpo_run.json"
+# Settings a checkpoint cannot be resumed across: they change what the saved weights are.
+# Copied from train_inpo.STRUCTURAL_SETTINGS
+STRUCTURAL_SETTINGS = (
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "train_mode",
+    "rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "dataset_name",
+    "dataset_split_name",
+    "max_train_samples",
+    "resolution",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.HelpFormatter
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the script's usage example as written and shows every flag's default."""
+
+
+# Copied from train_inpo.add_model_and_data_args
+def add_model_and_data_args(parser, default_resolution):
+    """Flags named as in diffusers' train_diffusion_dpo*.py where the meaning is the same."""
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
+    group.add_argument("--revision", default=None, help="Model revision on the hub.")
+    group.add_argument("--variant", default=None, help="Weight variant, e.g. fp16.")
+    group.add_argument(
+        "--allow_unsafe_pickle_weights",
+        action="store_true",
+        help="Also load .bin/.ckpt (pickle) weights; by default only safetensors are loaded, since "
+        "unpickling a file can run arbitrary code.",
+    )
+    group.add_argument(
+        "--dataset_name",
+        required=True,
+        help="Hub id (yuvalkirstain/pickapic_v2) or local folder of <split>-*.parquet files with "
+        "columns caption, jpg_0, jpg_1, label_0.",
+    )
+    group.add_argument("--dataset_split_name", default="train")
+    group.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Keep this many pairs (after ties).")
+    group.add_argument("--resolution", type=int, default=default_resolution)
+    group.add_argument("--random_crop", action="store_true", help="Random instead of centre crops.")
+    group.add_argument("--no_hflip", action="store_true", help="Do not flip pairs horizontally at random.")
+    group.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Fraction of captions replaced by '' (the InPO authors' script uses 0.2).",
+    )
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the dataset (datasets' streaming mode) instead of downloading it first, for "
+        "datasets larger than the disk; needs --max_train_steps.",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: pairs held in memory to shuffle from (Pick-a-Pic: ~1 MB each).",
+    )
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
+
+
+# Copied from train_inpo.add_inpo_args
+def add_inpo_args(parser, default_beta):
+    group = parser.add_argument_group("InPO")
+    group.add_argument("--beta_dpo", type=float, default=default_beta, help="β of the InPO/DPO loss.")
+    group.add_argument("--inversion_steps", type=int, default=10, help="K: points of the DDIM inversion grid.")
+    group.add_argument(
+        "--inversion_eta",
+        type=float,
+        default=0.1,
+        help="Std multiplier of the noise added after each inverse step (authors: 0.1; 0 = pure DDIM inversion).",
+    )
+    group.add_argument(
+        "--inversion_endpoint",
+        choices=inpo_utils.INVERSION_ENDPOINTS,
+        default="grid",
+        help="grid: stop at the last grid point below t (the paper); exact: finish on t.",
+    )
+    group.add_argument(
+        "--inversion_model",
+        choices=("policy", "reference"),
+        default=None,
+        help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
+        "frozen reference (the default and only choice with --inversion_cache_dir).",
+    )
+    group.add_argument(
+        "--latent_source",
+        choices=("inversion", "forward"),
+        default="inversion",
+        help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).",
+    )
+    group.add_argument(
+        "--train_mode",
+        choices=("lora", "full"),
+        default="lora",
+        help="lora: train LoRA adapters, reference = adapters off. full: train the whole UNet "
+        "against a frozen copy (the paper).",
+    )
+    group.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    group.add_argument(
+        "--lora_target_modules",
+        default="to_k,to_q,to_v,to_out.0",
+        help="Comma-separated UNet module names that get LoRA adapters.",
+    )
+
+
+# Copied from train_inpo.add_cache_args
+def add_cache_args(parser):
+    group = parser.add_argument_group("invert once: the inversion cache")
+    group.add_argument(
+        "--inversion_cache_dir",
+        default=None,
+        help="Train from this precomputed cache (no VAE, text encoders, reference or inversion per "
+        "step); with --precompute_inversion_cache, write it.",
+    )
+    group.add_argument(
+        "--precompute_inversion_cache",
+        action="store_true",
+        help="Invert the dataset once with the frozen reference and write --inversion_cache_dir, "
+        "then exit. Resumes an interrupted precompute.",
+    )
+    group.add_argument(
+        "--cache_timesteps",
+        choices=("grid", "per_pair"),
+        default="grid",
+        help="grid: store the whole inversion trajectory, train on t drawn from the K grid points; "
+        "per_pair: store one uniformly drawn t per pair (K+1x smaller, fixed t).",
+    )
+    group.add_argument("--cache_dtype", choices=tuple(inpo_utils.CACHE_DTYPES), default="fp16")
+    group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
+
+
+# Copied from train_inpo.add_optimization_args
+def add_optimization_args(parser, default_output_dir):
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--output_dir", default=default_output_dir)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--train_batch_size", type=int, default=1, help="Pairs per device per micro-batch.")
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=1e-5)
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the lr by batch size x accumulation x processes (as the authors do).",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument(
+        "--skip_nonfinite_steps",
+        type=int,
+        default=0,
+        help="Optimizer steps with a non-finite loss or gradient to skip before stopping (default: "
+        "stop at the first).",
+    )
+    group.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's config."
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (CUDA only); torch SDPA is the default.",
+    )
+
+
+# Copied from train_inpo.add_checkpoint_and_logging_args
+def add_checkpoint_and_logging_args(parser):
+    group = parser.add_argument_group("checkpoints, logging, hub")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    group.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    group.add_argument("--logging_dir", default="logs", help="Tracker folder inside --output_dir.")
+    group.add_argument("--tracker_name", default="inpo")
+    group.add_argument("--run_validation", action="store_true", help="Generate validation images.")
+    group.add_argument("--validation_steps", type=int, default=200)
+    group.add_argument("--validation_prompts", nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_token", default=None)
+
+
+# Copied from train_inpo.add_training_args
+def add_training_args(parser, default_resolution, default_beta, default_output_dir):
+    """The flags both scripts share, with the script's defaults."""
+    add_model_and_data_args(parser, default_resolution)
+    add_inpo_args(parser, default_beta)
+    add_cache_args(parser)
+    add_optimization_args(parser, default_output_dir)
+    add_checkpoint_and_logging_args(parser)
+    return parser
+
+
+def add_sdxl_args(parser):
+    """The flags of SDXL only."""
     group = parser.add_argument_group("SDXL")
-    group.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                       help="A VAE that is stable in fp16 (madebyollin/sdxl-vae-fp16-fix). Without it the base VAE "
-                            "runs in fp32 under fp16 training.")  # fmt: skip
-    group.add_argument("--fixed_time_ids", action="store_true",
-                       help="Condition every image on (res, res, 0, 0, res, res) as the InPO authors do, instead of "
-                            "its real original size and crop.")  # fmt: skip
+    group.add_argument(
+        "--fixed_time_ids",
+        action="store_true",
+        help="Condition every image on (res, res, 0, 0, res, res) as the InPO authors do, instead of "
+        "its real original size and crop.",
+    )
+    vae_help = "A VAE that is stable in fp16 (madebyollin/sdxl-vae-fp16-fix). Without it the base VAE runs in fp32 "
+    vae_help += "under fp16 training."
+    group.add_argument("--pretrained_vae_model_name_or_path", default=None, help=vae_help)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_training_args(parser, default_resolution=1024, default_beta=5000.0, default_output_dir="inpo-sdxl-lora")
+    add_sdxl_args(parser)
     args = parser.parse_args(argv)
-    inpo_utils.validate_training_args(args)
+    validate_args(args)
     return args
 
 
-def sdxl_time_ids(original_sizes, crop_top_lefts, resolution):
-    """SDXL micro-conditioning per image: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+# Copied from train_inpo.validate_args
+def validate_args(args):
+    """Refuse impossible settings before anything is loaded, saying how to fix them."""
+    problems = []
+    if args.resolution % 8:
+        problems.append(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8).")
+    if args.train_mode == "lora" and args.rank < 1:
+        problems.append(f"--rank must be at least 1, got {args.rank}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        problems.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    if args.beta_dpo <= 0:
+        problems.append(f"--beta_dpo must be positive, got {args.beta_dpo}.")
+    if not 1 <= args.inversion_steps <= 1000:
+        problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
+    if args.inversion_eta < 0:
+        problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        problems.append("--proportion_empty_prompts must be in [0, 1].")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        problems.append("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        problems.append(
+            "--hub_token with --report_to wandb would leak the token into the run config; "
+            "log in with `huggingface-cli login` instead."
+        )
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        candidate = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint))
+        if not os.path.isdir(candidate):
+            problems.append(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist (nor "
+                f"{candidate!r}); pass a checkpoint-<step> folder or 'latest'."
+            )
+    if args.enable_xformers_memory_efficient_attention:
+        if not is_xformers_available():
+            problems.append(
+                "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` "
+                "(CUDA only), or drop the flag to use torch SDPA."
+            )
+    if args.precompute_inversion_cache and args.inversion_cache_dir is None:
+        problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
+    if args.inversion_cache_dir is not None:
+        if args.latent_source != "inversion":
+            problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
+        if args.inversion_model == "policy":
+            problems.append(
+                "The inversion cache is made by the frozen reference; drop --inversion_model policy "
+                "(or train online without --inversion_cache_dir)."
+            )
+    if args.cache_shard_size < 1:
+        problems.append("--cache_shard_size must be at least 1.")
+    if args.streaming:
+        if args.max_train_steps is None:
+            problems.append("--streaming needs --max_train_steps: a stream's length is unknown until it is read.")
+        if args.max_train_samples is not None:
+            problems.append("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps.")
+        if args.dataloader_num_workers > 0:
+            problems.append(
+                "--streaming reads in the training process (workers would split the stream by file and "
+                "lose the resume position); drop --dataloader_num_workers."
+            )
+        if args.inversion_cache_dir is not None:
+            problems.append(
+                "--streaming does not combine with the inversion cache: precompute from a downloaded "
+                "dataset, then train from the cache (it is already local)."
+            )
+        if args.shuffle_buffer_size < 1:
+            problems.append("--shuffle_buffer_size must be at least 1.")
+    if problems:
+        raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
+    if args.inversion_model is None:
+        args.inversion_model = "reference" if args.inversion_cache_dir is not None else "policy"
 
-    Args: original_sizes, crop_top_lefts (N, 2) long, as `inpo_utils.resize_and_crop` reports them.
-    Returns: (N, 6) float.
+
+# Copied from train_inpo.check_sharding
+def check_sharding(args, accelerator):
+    """Refuse what FSDP cannot run, before any weights load. (DeepSpeed ZeRO-2 shards only optimizer states and
+    gradients, so every process still holds whole weights and everything else works as under DDP.)"""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    problems = []
+    if args.train_mode == "lora":
+        problems.append(
+            "FSDP is for --train_mode full. LoRA adapters are small, and their reference is the same "
+            "UNet with the adapters off, which FSDP's shards cannot be called as: use DDP "
+            "(accelerate_configs/ddp_8gpu.yaml) or DeepSpeed ZeRO-2."
+        )
+    elif args.latent_source == "inversion" and args.inversion_model == "policy" and args.inversion_cache_dir is None:
+        problems.append(
+            "Under FSDP every process must make the same UNet calls, but inverting with the policy "
+            "calls it once per grid point below each pair's t, which differs between processes. Pass "
+            "--inversion_model reference (the frozen copy, outside FSDP), or use DeepSpeed ZeRO-2."
+        )
+    if problems:
+        raise ValueError("Not supported under FSDP:\n  " + "\n  ".join(problems))
+
+
+def frozen_model_subfolders(args):
+    """The pipeline subfolders `load_frozen_models` reads (the VAE from elsewhere with a separate fp16 VAE)."""
+    subfolders = ["tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"]
+    if not args.pretrained_vae_model_name_or_path:
+        subfolders.append("vae")
+    return subfolders
+
+
+# Copied from train_inpo.check_local_pipeline
+def check_local_pipeline(args):
+    """For a local model folder, name the subfolders it lacks before anything is loaded (hub ids are left to
+    diffusers). Training from the inversion cache needs only the UNet (and the rest for validation images)."""
+    path = args.pretrained_model_name_or_path
+    if not os.path.isdir(path):
+        return
+    needed = ["unet", "scheduler"]
+    if args.inversion_cache_dir is None or args.precompute_inversion_cache or args.run_validation:
+        needed += frozen_model_subfolders(args)
+    missing = [name for name in needed if not os.path.isdir(os.path.join(path, name))]
+    if missing:
+        raise ValueError(
+            f"{path!r} lacks the subfolder(s) {missing}: point --pretrained_model_name_or_path at a "
+            "complete diffusers pipeline folder (as written by `pipeline.save_pretrained`)."
+        )
+
+
+# Copied from train_inpo.check_model_family
+def check_model_family(pretrained_model_name_or_path, revision, cache_dir, want_sdxl):
+    """Read the UNet and scheduler configs (no weights) and refuse the wrong family or a prediction type we
+    can't train. Returns the scheduler config."""
+    try:
+        unet_config = UNet2DConditionModel.load_config(
+            pretrained_model_name_or_path, subfolder="unet", revision=revision, cache_dir=cache_dir
+        )
+        scheduler_config = DDIMScheduler.load_config(
+            pretrained_model_name_or_path, subfolder="scheduler", revision=revision, cache_dir=cache_dir
+        )
+    except OSError as error:
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is not a diffusers pipeline with unet/ and scheduler/ "
+            f"subfolders: {error}"
+        ) from error
+    is_sdxl = unet_config.get("addition_embed_type") == "text_time"
+    if is_sdxl and not want_sdxl:
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is an SDXL checkpoint (its UNet takes text_time "
+            "conditioning): use train_inpo_sdxl.py."
+        )
+    if want_sdxl and not is_sdxl:
+        raise ValueError(
+            f"{pretrained_model_name_or_path!r} is not an SDXL checkpoint (its UNet has no text_time "
+            "conditioning): use train_inpo.py for SD 1.x/2.x."
+        )
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in inpo_utils.SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(
+            f"The scheduler of {pretrained_model_name_or_path!r} predicts {prediction_type!r}; InPO "
+            f"supports {inpo_utils.SUPPORTED_PREDICTION_TYPES}."
+        )
+    return DDIMScheduler.from_config(scheduler_config).config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference data (Pick-a-Pic v2 layout: caption, jpg_0, jpg_1, label_0)
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.find_problem
+def find_problem(caption, image_bytes_0, image_bytes_1):
+    """Why a row can't be trained on ("" if it can): unreadable image headers, zero-size images, empty captions.
+
+    Only the image headers are parsed here (cheap); a body that fails to decode later is dropped in `collate_pairs`.
     """
-    target = torch.tensor([resolution, resolution]).expand(len(original_sizes), 2)
-    return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()
+    if not isinstance(caption, str) or not caption.strip():
+        return "empty caption"
+    for name, data in (("jpg_0", image_bytes_0), ("jpg_1", image_bytes_1)):
+        if not data:
+            return f"{name} has no bytes"
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width == 0 or image.height == 0:
+                    return f"{name} is zero-size"
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            return f"{name} does not decode ({type(error).__name__})"
+    return ""
+
+
+# Copied from train_inpo.check_pair_columns
+def check_pair_columns(dataset_name, column_names):
+    missing = [column for column in PAIR_COLUMNS if column not in column_names]
+    if missing:
+        raise ValueError(
+            f"Dataset {dataset_name!r} lacks the column(s) {missing}; found {column_names}. "
+            f"InPO needs Pick-a-Pic v2 columns {list(PAIR_COLUMNS)}: caption (str), jpg_0/jpg_1 "
+            "(encoded image bytes), label_0 (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie)."
+        )
+
+
+# Copied from train_inpo.check_labels
+def check_labels(labels):
+    bad_labels = sorted({label for label in labels if label not in (0, 0.5, 1)}, key=str)
+    if bad_labels:
+        raise ValueError(f"label_0 must be 0, 0.5 or 1; found {bad_labels[:5]}.")
+
+
+# Copied from train_inpo.load_split
+def load_split(dataset_name, split, cache_dir, streaming=False):
+    try:
+        return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir, streaming=streaming)
+    except ValueError as error:
+        raise ValueError(
+            f"Could not load split {split!r} of {dataset_name!r}: {error}. Pass the split that holds "
+            "your pairs with --dataset_split_name (local parquet folders: the file name prefix, "
+            "e.g. train-*.parquet is split 'train')."
+        ) from error
+
+
+# Copied from train_inpo.load_preference_dataset
+def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print):
+    """Load a Pick-a-Pic-format dataset (hub id or local folder of parquet files), validate it, drop ties and
+    unusable rows, and return it. Runs before any model is loaded, so a bad dataset fails in seconds.
+    """
+    dataset = load_split(dataset_name, split, cache_dir)
+    check_pair_columns(dataset_name, dataset.column_names)
+    dataset = dataset.select_columns(list(PAIR_COLUMNS))
+    labels = dataset["label_0"]
+    check_labels(labels)
+    decided = [i for i, label in enumerate(labels) if label in (0, 1)]
+    num_ties = len(labels) - len(decided)
+    dataset = dataset.select(decided)
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+
+    problems = (
+        []
+        if len(dataset) == 0
+        else dataset.map(
+            lambda batch: {
+                "problem": [find_problem(*row) for row in zip(batch["caption"], batch["jpg_0"], batch["jpg_1"])]
+            },
+            batched=True,
+            remove_columns=dataset.column_names,
+            desc="Checking pairs",
+        )["problem"]
+    )
+    skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
+    dataset = dataset.select([i for i, problem in enumerate(problems) if not problem])
+    reasons = {}
+    for _, problem in skipped:
+        reasons[problem] = reasons.get(problem, 0) + 1
+    log(
+        f"Dataset {dataset_name!r} [{split}]: {len(dataset)} pairs kept, {num_ties} ties dropped, "
+        f"{len(skipped)} rows skipped {reasons or ''}".rstrip()
+    )
+    if skipped:
+        log("First skipped rows (index after dropping ties): " + ", ".join(f"{i}: {p}" for i, p in skipped[:5]))
+    if len(dataset) == 0:
+        raise ValueError(
+            f"No usable preference pairs in {dataset_name!r} [{split}] ({num_ties} ties, "
+            f"{len(skipped)} bad rows). Check label_0 and the image bytes."
+        )
+    return dataset
+
+
+# Copied from train_inpo.resize_and_crop
+def resize_and_crop(image, resolution, crop_fraction=(0.5, 0.5), flip=False):
+    """Resize the short side to `resolution` (bilinear), crop a square, optionally flip; map to [−1, 1].
+
+    crop_fraction (0.5, 0.5) is a centre crop; random crops pass uniform fractions. Returns
+    (pixels (3, R, R) float32, original_size (h, w), crop_top_left (top, left)) — the last two are SDXL's
+    micro-conditioning, measured in the resized image as diffusers' SDXL training scripts do.
+    """
+    image = image.convert("RGB")
+    original_size = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, resample=Image.BILINEAR)
+    top = round((image.height - resolution) * crop_fraction[0])
+    left = round((image.width - resolution) * crop_fraction[1])
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, original_size, (top, left)
+
+
+# Copied from train_inpo.transform_pair
+def transform_pair(row, index, resolution, rng, random_crop, hflip):
+    """A decided Pick-a-Pic row → the example `collate_pairs` batches (preferred image first), or None when an
+    image body does not decode. Both images share the crop fractions and the flip drawn from `rng`."""
+    crop_fraction = tuple(rng.uniform(size=2)) if random_crop else (0.5, 0.5)
+    flip = hflip and bool(rng.integers(2))
+    preferred, rejected = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
+    try:
+        images = [Image.open(io.BytesIO(row[name])) for name in (preferred, rejected)]
+        transformed = [resize_and_crop(image, resolution, crop_fraction, flip) for image in images]
+    except (OSError, ValueError) as error:
+        logging.getLogger(__name__).warning(f"Skipping pair {index}: image does not decode ({error}).")
+        return None
+    return {
+        "index": index,
+        "caption": row["caption"],
+        "pixel_values": torch.stack([t[0] for t in transformed]),
+        "original_sizes": torch.tensor([t[1] for t in transformed]),
+        "crop_top_lefts": torch.tensor([t[2] for t in transformed]),
+    }
+
+
+# Copied from train_inpo.PreferencePairs
+class PreferencePairs(torch.utils.data.Dataset):
+    """Decoded, transformed pairs with the preferred image first.
+
+    Each index draws its crop and flip from its own generator seeded by (seed, epoch, index), so a resumed run sees
+    the same augmentation as an uninterrupted one; both images of a pair share the flip and crop fractions.
+    """
+
+    def __init__(self, dataset, resolution, random_crop=False, hflip=True, seed=0):
+        self.dataset = dataset
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.seed = seed or 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return transform_pair(self.dataset[index], index, self.resolution, rng, self.random_crop, self.hflip)
+
+
+# Copied from train_inpo.load_preference_stream
+def load_preference_stream(dataset_name, split, cache_dir, shuffle_buffer_size, seed, process_index, num_processes):
+    """This process's share of a streamed Pick-a-Pic-format dataset, shuffled through a buffer (--streaming).
+
+    Nothing is downloaded up front; the columns and the first row are checked now so a wrong dataset fails in
+    seconds. `datasets.distributed.split_dataset_by_node` gives each process whole parquet shards when their
+    number divides evenly, otherwise every num_processes-th row; the shuffle (seeded, reshuffled by `set_epoch`)
+    is identical on every process, so the shares partition each epoch.
+    """
+    stream = load_split(dataset_name, split, cache_dir, streaming=True)
+    first = next(iter(stream), None)
+    if first is None:
+        raise ValueError(f"Split {split!r} of {dataset_name!r} is empty.")
+    check_pair_columns(dataset_name, stream.column_names or list(first))
+    stream = stream.select_columns(list(PAIR_COLUMNS)).shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+
+
+# Copied from train_inpo.StreamingPairs
+class StreamingPairs(torch.utils.data.IterableDataset):
+    """Transformed pairs from this process's share of a stream, epoch after epoch without end: a streaming run is
+    measured in --max_train_steps, and no process may run dry before the others (shares differ in size).
+
+    Ties and unusable rows are dropped and counted as in the map-style path (`find_problem`, then decoding); each
+    epoch ends with a log line of the counts. The position (epoch, rows read) of every process goes into
+    checkpoints; a resumed run replays its share of the epoch up to that row without decoding the images, so it
+    trains on the same pairs in the same order as an uninterrupted run.
+    """
+
+    def __init__(self, stream, resolution, random_crop, hflip, seed, accelerator):
+        self.stream = stream
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.hflip = hflip
+        self.seed = seed
+        self.accelerator = accelerator
+        self.epoch, self.rows_read = 0, 0
+
+    def __iter__(self):
+        logger = logging.getLogger(__name__)  # every process logs its own share's counts
+        while True:
+            self.stream.set_epoch(self.epoch)
+            rows = iter(self.stream)
+            resumed_at = self.rows_read
+            for _ in range(resumed_at):  # resume: rows already trained on in this epoch
+                next(rows)
+            kept, dropped = 0, {}
+            for row in rows:
+                index = self.rows_read
+                self.rows_read += 1
+                check_labels([row["label_0"]])
+                problem = "tie" if row["label_0"] == 0.5 else find_problem(row["caption"], row["jpg_0"], row["jpg_1"])
+                if not problem:
+                    rng = np.random.default_rng((self.seed, self.epoch, self.accelerator.process_index, index))
+                    example = transform_pair(row, index, self.resolution, rng, self.random_crop, self.hflip)
+                    problem = "image does not decode" if example is None else ""
+                if problem:
+                    dropped[problem] = dropped.get(problem, 0) + 1
+                    continue
+                kept += 1
+                yield example
+            ties = dropped.pop("tie", 0)
+            logger.info(
+                f"Streamed epoch {self.epoch} on process {self.accelerator.process_index} (from row "
+                f"{resumed_at}): {kept} pairs, {ties} ties dropped, {sum(dropped.values())} rows skipped "
+                f"{dropped or ''}".rstrip()
+            )
+            if kept == 0 and resumed_at == 0:
+                raise ValueError(
+                    f"Process {self.accelerator.process_index}'s share of the stream holds no usable "
+                    "pairs; check label_0 and the image bytes, or use fewer processes."
+                )
+            self.epoch, self.rows_read = self.epoch + 1, 0
+
+    def state_dict(self):
+        # Called on every process by save_state; only the main process writes, so it must hold all positions.
+        position = torch.tensor([[self.epoch, self.rows_read]], device=self.accelerator.device)
+        return {"positions": self.accelerator.gather(position).cpu()}
+
+    def load_state_dict(self, state):
+        positions = state["positions"]
+        if len(positions) == self.accelerator.num_processes:
+            self.epoch, self.rows_read = positions[self.accelerator.process_index].tolist()
+            return
+        # Another process count splits the stream differently: the saved positions mean nothing in the new shares.
+        self.epoch, self.rows_read = int(positions[:, 0].min()), 0
+        logger.warning(
+            f"The checkpoint was written by {len(positions)} processes, this run has "
+            f"{self.accelerator.num_processes}: the stream's shares differ, so its position within the epoch cannot "
+            f"be restored. Restarting streamed epoch {self.epoch} from its beginning (pairs already trained on in "
+            "it are seen again). Resume with the same number of processes to continue exactly."
+        )
+
+
+# Copied from train_inpo.collate_pairs
+def collate_pairs(examples):
+    """Batch B pairs as 2B rows, winners first. Pairs that failed to decode (None) are dropped."""
+    examples = [example for example in examples if example is not None]
+    if not examples:
+        return None
+
+    def winners_then_losers(key):
+        stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
+        return torch.cat([stacked[:, 0], stacked[:, 1]])
+
+    return {
+        "indices": torch.tensor([example["index"] for example in examples]),
+        "captions": [example["caption"] for example in examples],
+        "pixel_values": winners_then_losers("pixel_values").contiguous(),
+        "original_sizes": winners_then_losers("original_sizes"),
+        "crop_top_lefts": winners_then_losers("crop_top_lefts"),
+    }
+
+
+# Copied from train_inpo.make_dataloader
+def make_dataloader(pairs, collate_fn, args):
+    """Shuffled batches of pairs; `accelerator.prepare` then gives each process its own share of every epoch.
+    A stream (StreamingPairs) shuffles and splits itself."""
+    streaming = isinstance(pairs, torch.utils.data.IterableDataset)
+    return torch.utils.data.DataLoader(
+        pairs,
+        batch_size=args.train_batch_size,
+        shuffle=not streaming,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+    )
+
+
+# Copied from train_inpo.load_training_data
+def load_training_data(args, accelerator, scheduler_config):
+    """(pairs, collate_fn, dataset): the downloaded pairs, a stream, or the inversion cache. `dataset` is the
+    checked Pick-a-Pic split (None when streaming or reading the cache); the precompute inverts it."""
+    seed = 0 if args.seed is None else args.seed
+    if args.inversion_cache_dir is not None and not args.precompute_inversion_cache:
+        fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, IS_SDXL)
+        manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir, fingerprint)
+        pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, args.seed)
+        logger.info(
+            f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
+            "encoder, reference forward or inversion per step."
+        )
+        return pairs, inpo_utils.collate_cached, None
+    if args.streaming:
+        stream = load_preference_stream(
+            args.dataset_name,
+            args.dataset_split_name,
+            args.cache_dir,
+            args.shuffle_buffer_size,
+            seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        pairs = StreamingPairs(stream, args.resolution, args.random_crop, not args.no_hflip, seed, accelerator)
+        return pairs, collate_pairs, None
+    with accelerator.main_process_first():
+        dataset = load_preference_dataset(
+            args.dataset_name,
+            args.dataset_split_name,
+            args.cache_dir,
+            args.max_train_samples,
+            args.seed,
+            log=logger.info,
+        )
+    pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
+    return pairs, collate_pairs, dataset
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models: frozen encoders, the policy (LoRA or full) and its reference, optimizer, checkpoint hooks
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.make_accelerator
+def make_accelerator(args):
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # Epoch shuffles from (seed, epoch), so a resumed run reads pairs in the uninterrupted order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        # Same on every process: LoRA initialisation and anything else drawn before the per-process generator.
+        set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+# Copied from train_inpo.weight_dtype_of
+def weight_dtype_of(accelerator):
+    """dtype for frozen weights: fp16/bf16 under mixed precision; trainable parameters stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+# Copied from train_inpo.weight_loading_kwargs
+def weight_loading_kwargs(args):
+    """from_pretrained kwargs for weights: safetensors only unless --allow_unsafe_pickle_weights."""
+    return {
+        "revision": args.revision,
+        "variant": args.variant,
+        "cache_dir": args.cache_dir,
+        "use_safetensors": None if args.allow_unsafe_pickle_weights else True,
+    }
 
 
 def load_frozen_models(args, accelerator):
     """Both tokenizers and text encoders and the VAE, frozen, keyed by their pipeline names."""
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
-    weights = inpo_utils.weight_loading_kwargs(args)
+    weights = weight_loading_kwargs(args)
     path = args.pretrained_model_name_or_path
     frozen = {
         "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
@@ -59,73 +862,845 @@ def load_frozen_models(args, accelerator):
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
     }
     if args.pretrained_vae_model_name_or_path:
-        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
-                                                      **dict(weights, revision=None, variant=None))  # fmt: skip
+        vae_weights = dict(weights, revision=None, variant=None)
+        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **vae_weights)
     else:
         frozen["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
 
-    weight_dtype = inpo_utils.weight_dtype_of(accelerator)
+    weight_dtype = weight_dtype_of(accelerator)
     for encoder in (frozen["text_encoder"], frozen["text_encoder_2"]):
         encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
     # The original SDXL VAE overflows in fp16; only a VAE made for it (the fp16-fix) runs in half precision.
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path else weight_dtype
+    fp16_base_vae = weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path
+    vae_dtype = torch.float32 if fp16_base_vae else weight_dtype
     frozen["vae"].requires_grad_(False).to(accelerator.device, dtype=vae_dtype).eval()
     return frozen
 
 
-class SDXLInpoStep(inpo_utils.InpoStep):
-    """The SDXL part of a step: penultimate hidden states of both encoders, pooled embedding, time ids."""
-
-    def __init__(self, tokenizers, text_encoders, **kwargs):
-        super().__init__(**kwargs)
-        self.tokenizers = tokenizers
-        self.text_encoders = text_encoders
-
-    @torch.no_grad()
-    def encode_conditioning(self, batch):
-        captions = self.drop_captions(batch["captions"])
-        hidden_states = []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                            return_tensors="pt").input_ids  # fmt: skip
-            output = encoder(ids.to(encoder.device), output_hidden_states=True)
-            hidden_states.append(output.hidden_states[-2])
-        pooled = output[0]  # text_embeds of the projection encoder, as SDXL pipelines use it
-        if self.args.fixed_time_ids:
-            resolution = self.args.resolution
-            time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2 * len(captions))
-        else:
-            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], self.args.resolution)
-        added_cond_kwargs = {
-            "text_embeds": pooled.repeat(2, 1),
-            "time_ids": time_ids.to(pooled.device, pooled.dtype),
-        }
-        return torch.cat(hidden_states, dim=-1).repeat(2, 1, 1), added_cond_kwargs
+# Copied from train_inpo.load_unet
+def load_unet(args):
+    return UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", **weight_loading_kwargs(args)
+    )
 
 
 def make_pipeline(args, accelerator, **components):
     """The base SDXL pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, torch_dtype=inpo_utils.weight_dtype_of(accelerator),
-        **inpo_utils.weight_loading_kwargs(args), **components,
-    )  # fmt: skip
+        args.pretrained_model_name_or_path,
+        torch_dtype=weight_dtype_of(accelerator),
+        **weight_loading_kwargs(args),
+        **components,
+    )
     return pipeline.to(accelerator.device)
 
 
-SDXL = inpo_utils.ModelFamily(
-    is_sdxl=True,
-    pipeline_cls=StableDiffusionXLPipeline,
-    load_frozen_models=load_frozen_models,
-    make_step=lambda frozen, **kwargs: SDXLInpoStep(
-        [frozen["tokenizer"], frozen["tokenizer_2"]], [frozen["text_encoder"], frozen["text_encoder_2"]],
-        vae=frozen["vae"], **kwargs,
-    ),
-    make_pipeline=make_pipeline,
-)
+# Copied from train_inpo.setup_policy_and_reference
+def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
+    """Make `unet` the trainable policy and return (unet, reference, trainable_params).
+
+    LoRA: base weights frozen in the mixed-precision dtype, adapters in fp32; the reference is the same UNet with
+    the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype
+    (not made when `with_reference` is False: training from the cache needs none).
+    """
+    weight_dtype = weight_dtype_of(accelerator)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.train_mode == "lora":
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha or args.rank,
+                init_lora_weights="gaussian",
+                target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
+            )
+        )
+        cast_training_params(unet, dtype=torch.float32)
+        reference = inpo_utils.AdaptersDisabled(unet)
+    else:
+        reference = None
+        if with_reference:
+            reference = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+        unet.requires_grad_(True)
+        unet.to(accelerator.device, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"No UNet module matched --lora_target_modules {args.lora_target_modules!r}.")
+    return unet, reference, trainable
 
 
+# Copied from train_inpo.make_optimizer
+def make_optimizer(params, args):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from error
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# Copied from train_inpo.resolve_max_train_steps
+def resolve_max_train_steps(args, num_batches_per_epoch):
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(
+            num_batches_per_epoch / args.gradient_accumulation_steps
+        )
+    return args.max_train_steps
+
+
+# Copied from train_inpo.make_lr_scheduler
+def make_lr_scheduler(optimizer, args, num_processes):
+    # The prepared scheduler steps once per process per optimizer step.
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
+# Copied from train_inpo.lora_layers
+def lora_layers(unet):
+    """The UNet's LoRA weights in diffusers' format (what `save_lora_weights` writes)."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+# Copied from train_inpo.register_checkpoint_hooks with StableDiffusionPipeline->StableDiffusionXLPipeline
+def register_checkpoint_hooks(accelerator, args):
+    """Make `save_state` write the LoRA in diffusers' format (or the full UNet) instead of a pickled state dict,
+    and `load_state` read it back, keeping trainable parameters in fp32."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return  # accelerate saves and restores FSDP's shards itself; the unwrapped module holds only one shard
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            model = accelerator.unwrap_model(model)
+            if accelerator.is_main_process and args.train_mode == "lora":
+                StableDiffusionXLPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_layers(model))
+            elif accelerator.is_main_process:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+            if weights:  # saved above in diffusers' format; keep accelerate from pickling it again
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return  # the engine restores its weights (and fp32 master copies) from its own checkpoint
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if args.train_mode == "lora":
+                state_dict, _ = StableDiffusionXLPipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
+                unet_state = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+                incompatible = set_peft_model_state_dict(
+                    model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+                )
+                if incompatible is not None and incompatible.unexpected_keys:
+                    raise ValueError(
+                        f"Checkpoint {input_dir} has LoRA weights this model lacks: "
+                        f"{incompatible.unexpected_keys[:3]} (different --rank/--lora_target_modules?)"
+                    )
+                cast_training_params(model, dtype=torch.float32)
+            else:
+                saved = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.load_state_dict(saved.state_dict())
+                del saved
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# Copied from train_inpo.StepRandomness
+class StepRandomness:
+    """The generator behind timesteps, VAE sampling and inversion noise: one stream per process (seed + rank),
+    saved in checkpoints so a resumed run draws the same numbers as an uninterrupted one (the global RNGs are also
+    touched by data loading, so they can't serve)."""
+
+    def __init__(self, seed, accelerator):
+        self.accelerator = accelerator
+        self.generator = torch.Generator(device=accelerator.device)
+        self.generator.manual_seed(seed + accelerator.process_index)
+
+    def state_dict(self):
+        # Called on every process by save_state; only the main process writes, so it must hold all streams.
+        state = self.generator.get_state().to(self.accelerator.device)
+        return {"states": self.accelerator.gather(state[None]).cpu()}
+
+    def load_state_dict(self, state):
+        states = state["states"]
+        if self.accelerator.process_index < len(states):  # a process the checkpoint lacks keeps its fresh seed
+            # clone: set_state on a row view (non-zero storage offset) crashes torch 2.13 with a segfault
+            self.generator.set_state(
+                states[self.accelerator.process_index].clone().to(self.generator.get_state().device)
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loss of one step: images → latents, captions → conditioning, then inpo_utils
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.drop_captions
+def drop_captions(captions, proportion, generator):
+    """Replace a `proportion` of captions by '' (unconditional training signal)."""
+    drop = torch.rand(len(captions), generator=generator, device=generator.device)
+    return ["" if dropped else caption for caption, dropped in zip(captions, drop < proportion)]
+
+
+# Copied from train_inpo.encode_images
+@torch.no_grad()
+def encode_images(pixel_values, vae, batch_size, generator):
+    """(2B, 3, R, R) in [−1, 1] → (2B, 4, R/8, R/8) scaled latents, in chunks to bound VAE memory."""
+    chunks = pixel_values.to(vae.device, vae.dtype).split(batch_size)
+    latents = [vae.encode(chunk).latent_dist.sample(generator=generator) for chunk in chunks]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+def sdxl_time_ids(original_sizes, crop_top_lefts, resolution):
+    """SDXL micro-conditioning per image: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+
+    Args: original_sizes, crop_top_lefts (N, 2) long, as `resize_and_crop` reports them.
+    Returns: (N, 6) float.
+    """
+    target = torch.tensor([resolution, resolution]).expand(len(original_sizes), 2)
+    return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()
+
+
+@torch.no_grad()
+def encode_prompt(batch, frozen, args, generator):
+    """Penultimate hidden states of both text encoders, the pooled embedding and the time ids.
+
+    Returns (encoder_hidden_states (2B, L, D1 + D2), added_cond_kwargs {"text_embeds", "time_ids"}): both images
+    of a pair share the caption; each image has its own size and crop.
+    """
+    captions = drop_captions(batch["captions"], args.proportion_empty_prompts, generator)
+    hidden_states = []
+    for tokenizer, encoder in (
+        (frozen["tokenizer"], frozen["text_encoder"]),
+        (frozen["tokenizer_2"], frozen["text_encoder_2"]),
+    ):
+        ids = tokenizer(
+            captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids
+        output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    pooled = output[0]  # text_embeds of the projection encoder, as SDXL pipelines use it
+    if args.fixed_time_ids:
+        resolution = args.resolution
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2 * len(captions))
+    else:
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], args.resolution)
+    added_cond_kwargs = {
+        "text_embeds": pooled.repeat(2, 1),
+        "time_ids": time_ids.to(pooled.device, pooled.dtype),
+    }
+    return torch.cat(hidden_states, dim=-1).repeat(2, 1, 1), added_cond_kwargs
+
+
+# Copied from train_inpo.compute_loss
+def compute_loss(
+    x0, encoder_hidden_states, added_cond_kwargs, unet, reference, inverse_scheduler, args, accelerator, generator
+):
+    """Online InPO on one micro-batch of latents and conditioning: `inpo_utils.inpo_step_loss` with the policy
+    (or the reference, per --inversion_model) inverting."""
+    policy = accelerator.unwrap_model(unet)
+    inversion_unet = policy if args.inversion_model == "policy" else reference
+    with accelerator.autocast():
+        return inpo_utils.inpo_step_loss(
+            unet,
+            reference,
+            inversion_unet,
+            x0,
+            encoder_hidden_states,
+            inverse_scheduler,
+            args.beta_dpo,
+            latent_source=args.latent_source,
+            eta=args.inversion_eta,
+            endpoint=args.inversion_endpoint,
+            added_cond_kwargs=added_cond_kwargs,
+            generator=generator,
+        )
+
+
+# Copied from train_inpo.compute_cached_loss
+def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
+    """InPO from the inversion cache: one policy forward on the stored latents against the stored e_ref."""
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
+    added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
+    with accelerator.autocast():
+        return inpo_utils.cached_step_loss(
+            unet,
+            batch["x0"].to(device, torch.float32),
+            batch["latents"].to(device, torch.float32),
+            batch["timesteps"].to(device),
+            batch["encoder_hidden_states"].to(device, weight_dtype),
+            batch["reference_errors"].to(device),
+            inverse_scheduler.alphas_cumprod,
+            inverse_scheduler.config.prediction_type,
+            args.beta_dpo,
+            added,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.run_settings
+def run_settings(args):
+    settings = {name: getattr(args, name) for name in STRUCTURAL_SETTINGS}
+    settings["family"] = "sdxl" if IS_SDXL else "sd"
+    return settings
+
+
+# Copied from train_inpo.check_output_dir
+def check_output_dir(args):
+    """Refuse an --output_dir that holds checkpoints of a different run, or of an earlier run when not resuming,
+    instead of mixing their checkpoints with this run's."""
+    checkpoints = list_checkpoints(args.output_dir)
+    if not checkpoints:
+        return
+    settings_path = os.path.join(args.output_dir, RUN_SETTINGS_FILE)
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            differences = inpo_utils.fingerprint_differences(json.load(f), run_settings(args))
+        if differences:
+            raise ValueError(
+                f"--output_dir {args.output_dir!r} holds checkpoints of a run with other settings; use a "
+                "new --output_dir:\n  " + "\n  ".join(d.replace("cache has", "that run has") for d in differences)
+            )
+    if args.resume_from_checkpoint is None:
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} already holds {checkpoints[-1]} from an earlier run: pass "
+            "--resume_from_checkpoint latest to continue it, or choose another --output_dir."
+        )
+
+
+# Copied from train_inpo.write_run_settings
+def write_run_settings(args):
+    with open(os.path.join(args.output_dir, RUN_SETTINGS_FILE), "w") as f:
+        json.dump(run_settings(args), f, indent=1)
+
+
+# Copied from train_inpo.list_checkpoints
+def list_checkpoints(output_dir):
+    """checkpoint-<step> folders in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [
+        n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(names, key=lambda name: int(name[len(CHECKPOINT_PREFIX) :]))
+
+
+# Copied from train_inpo.resolve_resume_checkpoint
+def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
+    """Path of the checkpoint to resume from, or None for "latest" with nothing saved yet."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
+    if os.path.isdir(resume_from_checkpoint):
+        return resume_from_checkpoint
+    return os.path.join(output_dir, os.path.basename(resume_from_checkpoint))
+
+
+# Copied from train_inpo.prune_checkpoints
+def prune_checkpoints(output_dir, total_limit, about_to_save=1):
+    """Delete the oldest checkpoints so that at most `total_limit` remain after saving `about_to_save` more."""
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    excess = len(checkpoints) + about_to_save - total_limit
+    removed = checkpoints[: max(excess, 0)]
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name))
+    return removed
+
+
+# Copied from train_inpo.save_checkpoint
+def save_checkpoint(accelerator, args, global_step):
+    """`accelerator.save_state` into a temporary folder, then an atomic rename: a run killed mid-save never
+    leaves a half-written checkpoint for `latest` to pick."""
+    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    partial = os.path.join(args.output_dir, f".partial-{CHECKPOINT_PREFIX}{global_step}")
+    if accelerator.is_main_process:
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# Copied from train_inpo.resume_position
+def resume_position(args, accelerator, streaming, updates_per_epoch):
+    """(global_step, first_epoch, batches_to_skip) after loading --resume_from_checkpoint, if any."""
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        if args.resume_from_checkpoint:
+            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+        return 0, 0, 0
+    accelerator.print(f"Resuming from {checkpoint}")
+    accelerator.load_state(checkpoint)
+    global_step = int(os.path.basename(checkpoint)[len(CHECKPOINT_PREFIX) :])
+    if streaming:  # a stream restores its position from the checkpoint itself
+        return global_step, 0, 0
+    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    return global_step, global_step // updates_per_epoch, batches_to_skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logging, validation, saving, model card
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.gather_mean
+def gather_mean(accelerator, metrics):
+    """Average a dict of scalar tensors over processes; returns floats."""
+    names = sorted(metrics)
+    stacked = torch.stack([metrics[name].detach().float() for name in names])
+    gathered = accelerator.gather(stacked[None]).mean(dim=0)
+    return {name: value.item() for name, value in zip(names, gathered)}
+
+
+# Copied from train_inpo.all_finite
+def all_finite(accelerator, value):
+    """True when `value` is finite on every process."""
+    flag = torch.isfinite(value).all().float().reshape(1)
+    return bool(accelerator.gather(flag).min() > 0)
+
+
+# Copied from train_inpo.check_nonfinite_step
+def check_nonfinite_step(args, accumulated, global_step, nonfinite_steps):
+    """Stop at a non-finite optimizer step beyond --skip_nonfinite_steps; warn about one that was skipped."""
+    if nonfinite_steps > args.skip_nonfinite_steps:
+        last = list_checkpoints(args.output_dir)
+        raise FloatingPointError(
+            f"Non-finite loss or gradient at optimizer step {global_step + 1} (mean timestep "
+            f"{accumulated.get('timestep', float('nan')):.0f}; metrics "
+            f"{ {k: round(v, 6) for k, v in accumulated.items()} }). Stopped without saving; the last "
+            f"good checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate or --beta_dpo, "
+            "prefer bf16 to fp16, or pass --skip_nonfinite_steps N to skip up to N such steps."
+        )
+    logger.warning(
+        f"Skipped optimizer step {global_step + 1}: non-finite loss or gradient "
+        f"({nonfinite_steps}/{args.skip_nonfinite_steps} allowed)."
+    )
+
+
+# Copied from train_inpo.check_replicas_in_sync
+def check_replicas_in_sync(accelerator, params):
+    """Raise if the trained weights differ between processes (a broken data-parallel set-up); log when they agree."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    sums = accelerator.gather(checksum)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=0):
+        raise RuntimeError(f"Trained weights differ between processes (checksums {sums.tolist()}).")
+    logger.info(
+        f"Trained weights identical on all {accelerator.num_processes} processes (checksum {sums[0].item():.9g})."
+    )
+
+
+# Copied from train_inpo.unwrapped_policy
+def unwrapped_policy(accelerator, unet):
+    policy = accelerator.unwrap_model(unet)
+    return policy._orig_mod if is_compiled_module(policy) else policy
+
+
+# Copied from train_inpo.exportable_policy
+def exportable_policy(accelerator, unet):
+    """The policy with whole weights on the main process (None elsewhere). Call on every process: under FSDP
+    it gathers the shards into a fresh UNet."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrapped_policy(accelerator, unet) if accelerator.is_main_process else None
+    weights = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    policy = UNet2DConditionModel.from_config(unwrapped_policy(accelerator, unet).config)
+    policy.load_state_dict(weights)
+    return policy.to(accelerator.device)
+
+
+# Copied from train_inpo.log_validation_images
+def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step, tag="validation"):
+    """Generate one image per prompt with a fixed seed, log them to the trackers, return them (PIL)."""
+    pipeline.set_progress_bar_config(disable=True)
+    # Prompt i gets seed + i, as in evaluate_inpo.py, so an image does not depend on the prompts before it.
+    # Autocast: mid-run the UNet mixes fp32 LoRA weights with half-precision base weights and the VAE is half.
+    with accelerator.autocast():
+        images = [
+            pipeline(
+                prompt,
+                num_inference_steps=25,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator(device=accelerator.device).manual_seed((seed or 0) + i),
+            ).images[0]
+            for i, prompt in enumerate(prompts)
+        ]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image, caption=p) for image, p in zip(images, prompts)]}, step=step)
+    return images
+
+
+# Copied from train_inpo.run_validation
+def run_validation(args, accelerator, unet, frozen, global_step):
+    """Validation images from the policy as it is now (called on every process)."""
+    policy = exportable_policy(accelerator, unet)
+    if accelerator.is_main_process:
+        pipeline = make_pipeline(args, accelerator, unet=policy, **frozen)
+        log_validation_images(accelerator, pipeline, args.validation_prompts, args.seed, args.resolution, global_step)
+        unet.train()
+
+
+# Copied from train_inpo.write_model_card
+def write_model_card(args, output_dir, images=None):
+    """README.md for the output folder: base model, data, InPO settings; the validation grid if there is one."""
+    if images:
+        make_image_grid(images, 1, len(images)).save(os.path.join(output_dir, "validation_grid.png"))
+    kind = "LoRA adapters" if args.train_mode == "lora" else "a fully fine-tuned UNet"
+    description = f"""
+# InPO {"SDXL " if IS_SDXL else ""}{kind} for {args.pretrained_model_name_or_path}
+
+Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.dataset_name}`
+(split `{args.dataset_split_name}`{f", {args.max_train_samples} pairs" if args.max_train_samples else ""}).
+
+| setting | value |
+|---|---|
+| β (beta_dpo) | {args.beta_dpo} |
+| optimizer steps | {args.max_train_steps} |
+| pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}) |
+| train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
+| resolution | {args.resolution} |
+
+{"![validation](validation_grid.png)" if images else ""}
+
+Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on the base pipeline.
+"""
+    # Built locally rather than through `load_or_create_model_card`, which looks the output folder up on the hub.
+    card = ModelCard.from_template(
+        ModelCardData(license="openrail++", library_name="diffusers", base_model=args.pretrained_model_name_or_path),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=description,
+    )
+    tags = [
+        "text-to-image",
+        "diffusers",
+        "inpo",
+        "diffusion-dpo",
+        "stable-diffusion-xl" if IS_SDXL else "stable-diffusion",
+    ]
+    if args.train_mode == "lora":
+        tags.append("lora")
+    populate_model_card(card, tags=tags).save(os.path.join(output_dir, "README.md"))
+
+
+# Copied from train_inpo.push_output_to_hub
+def push_output_to_hub(args):
+    repo_id = create_repo(
+        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token
+    ).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="InPO training results",
+        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".partial-*"],
+        token=args.hub_token,
+    )
+
+
+# Copied from train_inpo.save_and_validate with StableDiffusionPipeline->StableDiffusionXLPipeline
+def save_and_validate(args, accelerator, unet, frozen):
+    """The final save (diffusers-format LoRA or a full pipeline), validation of what was saved, the model card."""
+    policy = exportable_policy(accelerator, unet)
+    if not accelerator.is_main_process:
+        return
+    if args.train_mode == "lora":
+        StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
+        # Validate what users will load: the saved file on a fresh base pipeline.
+        final_pipeline = make_pipeline(args, accelerator, **frozen) if args.run_validation else None
+        if final_pipeline is not None:
+            final_pipeline.load_lora_weights(args.output_dir)
+    else:
+        final_pipeline = make_pipeline(args, accelerator, unet=policy.to(weight_dtype_of(accelerator)), **frozen)
+        final_pipeline.save_pretrained(args.output_dir)
+    images = None
+    if args.run_validation:
+        images = log_validation_images(
+            accelerator,
+            final_pipeline,
+            args.validation_prompts,
+            args.seed,
+            args.resolution,
+            args.max_train_steps,
+            tag="final",
+        )
+    write_model_card(args, args.output_dir, images)
+    if args.push_to_hub:
+        push_output_to_hub(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Invert once: precompute the inversion cache (its format and reader are in inpo_utils)
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.precompute_inversion_cache
+def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint):
+    """Write the cache shard by shard: x0, text conditioning, inverted latents and reference errors.
+
+    Shard i holds pairs [i·S, (i+1)·S) and is written by process i mod N, so an interrupted precompute resumes
+    with the shards that are missing. The manifest is written last.
+    """
+    cache_dir = args.inversion_cache_dir
+    if accelerator.is_main_process:
+        inpo_utils.write_cache_fingerprint(cache_dir, fingerprint)
+    accelerator.wait_for_everyone()
+    seed = 0 if args.seed is None else args.seed
+    pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
+    num_shards = math.ceil(len(pairs) / args.cache_shard_size)
+    my_shards = list(range(accelerator.process_index, num_shards, accelerator.num_processes))
+    todo = [i for i in my_shards if not os.path.isfile(inpo_utils.shard_file(cache_dir, i))]
+    logger.info(
+        f"Inversion cache {cache_dir}: {num_shards} shards, {len(my_shards) - len(todo)} of this process's "
+        f"{len(my_shards)} already written."
+    )
+    progress = tqdm(
+        total=sum(min(args.cache_shard_size, len(pairs) - i * args.cache_shard_size) for i in todo),
+        desc="Inverting pairs",
+        unit="pair",
+        disable=not accelerator.is_local_main_process,
+    )
+    written_bytes = 0
+    started = time.perf_counter()
+    for shard in todo:
+        # A generator per shard: its contents do not depend on which process or run writes it.
+        generator = torch.Generator(device=accelerator.device).manual_seed(seed * 100003 + shard)
+        indices = range(shard * args.cache_shard_size, min((shard + 1) * args.cache_shard_size, len(pairs)))
+        columns = {}
+        for start in range(0, len(indices), args.train_batch_size):
+            examples = [(i, pairs[i]) for i in indices[start : start + args.train_batch_size]]
+            kept = [(i, example) for i, example in examples if example is not None]
+            progress.update(len(examples))
+            if not kept:
+                continue
+            batch = collate_pairs([example for _, example in kept])
+            x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
+            encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)
+            with accelerator.autocast():
+                rows = inpo_utils.cache_rows(
+                    reference,
+                    x0,
+                    encoder_hidden_states,
+                    inverse_scheduler,
+                    args.cache_timesteps,
+                    args.cache_dtype,
+                    eta=args.inversion_eta,
+                    endpoint=args.inversion_endpoint,
+                    added_cond_kwargs=added_cond_kwargs,
+                    generator=generator,
+                )
+            rows["pair_index"] = torch.tensor([i for i, _ in kept])
+            for name, value in rows.items():
+                columns.setdefault(name, []).append(value.cpu())
+        written_bytes += inpo_utils.write_shard(cache_dir, shard, columns, args.cache_dtype)
+        elapsed = progress.format_dict["elapsed"] or 1e-9
+        progress.set_postfix(pairs_per_s=f"{progress.n / elapsed:.2f}", written=f"{written_bytes / 2**20:.1f}MiB")
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        grid = inverse_scheduler.timesteps.tolist()
+        seconds = time.perf_counter() - started
+        inpo_utils.write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log=logger.info)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_inpo.check_and_load
+def check_and_load(args, accelerator):
+    """Cheap checks first (model family and prediction type from configs, the output folder, then the data),
+    weights last. Returns (scheduler_config, pairs, collate_fn, dataset, frozen, unet)."""
+    logger.info(accelerator.state, main_process_only=False)
+    check_sharding(args, accelerator)
+    scheduler_config = check_model_family(
+        args.pretrained_model_name_or_path, args.revision, args.cache_dir, want_sdxl=IS_SDXL
+    )
+    check_local_pipeline(args)
+    if not args.precompute_inversion_cache:
+        check_output_dir(args)
+    pairs, collate_fn, dataset = load_training_data(args, accelerator, scheduler_config)
+    from_cache = isinstance(pairs, inpo_utils.CachedPairs)
+    frozen = {} if from_cache else load_frozen_models(args, accelerator)
+    return scheduler_config, pairs, collate_fn, dataset, frozen, load_unet(args)
+
+
+# Copied from train_inpo.prepare_training
+def prepare_training(args, accelerator, pairs, collate_fn, unet):
+    """Policy and reference, checkpoint hooks, the step generator, data loader, optimizer and lr schedule, all
+    through `accelerator.prepare`. Returns (unet, reference, trainable, optimizer, dataloader, lr_scheduler,
+    generator)."""
+    seed = 0 if args.seed is None else args.seed
+    with_reference = args.inversion_cache_dir is None  # the cache already holds the reference's errors
+    unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator, with_reference)
+    register_checkpoint_hooks(accelerator, args)
+    randomness = StepRandomness(seed, accelerator)
+    accelerator.register_for_checkpointing(randomness)
+    streaming = isinstance(pairs, StreamingPairs)
+    if streaming:
+        accelerator.register_for_checkpointing(pairs)
+    dataloader = make_dataloader(pairs, collate_fn, args)
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = make_optimizer(trainable, args)
+    if not streaming:  # --streaming requires --max_train_steps
+        resolve_max_train_steps(args, len(dataloader) / accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    if streaming:  # each process already reads its own share; DeepSpeed learns the batch size from the config
+        if accelerator.state.deepspeed_plugin is not None:
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if accelerator.is_main_process:
+        write_run_settings(args)
+        config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
+        accelerator.init_trackers(args.tracker_name, config)
+    return unet, reference, trainable, optimizer, dataloader, lr_scheduler, randomness.generator
+
+
+# Copied from train_inpo.main
 def main(argv=None):
-    inpo_utils.run(parse_args(argv), SDXL)
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    scheduler_config, pairs, collate_fn, dataset, frozen, unet = check_and_load(args, accelerator)
+    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
+    if args.precompute_inversion_cache:
+        reference = unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype_of(accelerator)).eval()
+        fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, IS_SDXL)
+        precompute_inversion_cache(args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint)
+        accelerator.end_training()
+        return
+    unet, reference, trainable, optimizer, dataloader, lr_scheduler, generator = prepare_training(
+        args, accelerator, pairs, collate_fn, unet
+    )
+
+    # A stream runs its own epochs without end and restores its position from the checkpoint itself.
+    streaming = isinstance(pairs, torch.utils.data.IterableDataset)
+    updates_per_epoch = math.inf if streaming else math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = 1 if streaming else math.ceil(args.max_train_steps / updates_per_epoch)
+    global_step, first_epoch, batches_to_skip = resume_position(args, accelerator, streaming, updates_per_epoch)
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** InPO training *****  pairs = {'streamed' if streaming else len(pairs)}, epochs = {num_epochs}, "
+        f"pairs per device per micro-batch = {args.train_batch_size}, total pairs per step (processes x "
+        f"accumulation) = {total_batch}, optimizer steps = {args.max_train_steps}, starting at step {global_step}"
+    )
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    accumulated, window_is_finite, nonfinite_steps = {}, True, 0
+    step_started = time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        unet.train()
+        if streaming:  # not prepared by accelerate: each process already reads its own share
+            epoch_loader = (send_to_device(batch, accelerator.device) for batch in dataloader)
+        else:
+            pairs.set_epoch(epoch)
+            dataloader.set_epoch(epoch)
+            epoch_loader = dataloader
+        if epoch == first_epoch and batches_to_skip:
+            epoch_loader = accelerator.skip_first_batches(dataloader, batches_to_skip)
+        for batch in epoch_loader:
+            if batch is None:
+                continue
+            with accelerator.accumulate(unet):
+                if "x0" in batch:  # a batch of the inversion cache: latents, conditioning and e_ref stored
+                    loss, metrics = compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
+                else:
+                    x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
+                    encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)
+                    loss, metrics = compute_loss(
+                        x0,
+                        encoder_hidden_states,
+                        added_cond_kwargs,
+                        unet,
+                        reference,
+                        inverse_scheduler,
+                        args,
+                        accelerator,
+                        generator,
+                    )
+                # Decided on the values of every process, so all of them skip or step together.
+                if all_finite(accelerator, loss.detach()):
+                    accelerator.backward(loss)
+                else:
+                    window_is_finite = False
+                if accelerator.sync_gradients and window_is_finite and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    window_is_finite = all_finite(accelerator, torch.as_tensor(grad_norm, device=accelerator.device))
+                if accelerator.sync_gradients and window_is_finite:
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in gather_mean(accelerator, metrics).items():
+                accumulated[name] = accumulated.get(name, 0.0) + value / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            if not window_is_finite:
+                nonfinite_steps += 1
+                check_nonfinite_step(args, accumulated, global_step, nonfinite_steps)
+            window_is_finite = True
+            global_step += 1
+            progress.update(1)
+            accumulated["skipped_nonfinite_steps"] = nonfinite_steps
+            accumulated["lr"] = lr_scheduler.get_last_lr()[0]
+            # Seconds per optimizer step, excluding checkpointing and validation (logged for benchmarks/).
+            accumulated["step_time"] = time.perf_counter() - step_started
+            progress.set_postfix(loss=f"{accumulated['loss']:.4f}", acc=f"{accumulated['implicit_acc']:.2f}")
+            accelerator.log(accumulated, step=global_step)
+            accumulated = {}
+            if global_step % args.checkpointing_steps == 0:
+                logger.info(f"Saved {save_checkpoint(accelerator, args, global_step)}")
+            if args.run_validation and global_step % args.validation_steps == 0:
+                run_validation(args, accelerator, unet, frozen, global_step)
+            step_started = time.perf_counter()
+            if global_step >= args.max_train_steps:
+                break
+
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP's processes hold different shards by design
+        check_replicas_in_sync(accelerator, trainable)
+    accelerator.wait_for_everyone()
+    save_and_validate(args, accelerator, unet, frozen)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

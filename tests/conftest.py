@@ -7,27 +7,30 @@ import multiprocessing
 import os
 import runpy
 import socket
-import tempfile
-import time
 import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from typing import NamedTuple
 
 import pytest
+
 
 # One thread per process: on a 2-core machine, torch's default thread pool oversubscribes the cores as soon as a
 # subprocess runs beside pytest, and tiny models then run 10-30x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
+
 torch.set_num_threads(1)
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import demo
+import demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +106,9 @@ def launch(script, *args, check=True):
         torch.set_num_threads(1)
     result = RunResult(returncode, stdout.getvalue(), stderr.getvalue())
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -113,7 +118,9 @@ def accelerate_launch(script, *args, check=True, cwd=REPO):
                "--num_cpu_threads_per_process", "1", script, *map(str, args)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600, check=False)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return RunResult(result.returncode, result.stdout, result.stderr)
 
 

@@ -14,6 +14,7 @@ import sys
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
+
 PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
     "gloo",
     DistributedType.MULTI_CPU,

@@ -11,16 +11,23 @@ import sys
 import torch
 from accelerate.utils import gather_object
 
-import inpo_utils
 import train_inpo
 
+
 args = train_inpo.parse_args(sys.argv[1:])
-accelerator = inpo_utils.make_accelerator(args)
+accelerator = train_inpo.make_accelerator(args)
 epochs = []
 if args.streaming:
-    stream = inpo_utils.load_preference_stream(args.dataset_name, "train", None, args.shuffle_buffer_size, args.seed,
-                                               accelerator.process_index, accelerator.num_processes)  # fmt: skip
-    pairs = inpo_utils.StreamingPairs(stream, args.resolution, False, False, args.seed, accelerator)
+    stream = train_inpo.load_preference_stream(
+        args.dataset_name,
+        "train",
+        None,
+        args.shuffle_buffer_size,
+        args.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    pairs = train_inpo.StreamingPairs(stream, args.resolution, False, False, args.seed, accelerator)
     mine = [[], []]
     for example in pairs:
         if pairs.epoch == 2:
@@ -28,9 +35,9 @@ if args.streaming:
         mine[pairs.epoch].append(hashlib.sha1(example["pixel_values"].numpy().tobytes()).hexdigest()[:12])
     epochs = [gather_object([per_epoch]) for per_epoch in mine]
 else:
-    dataset = inpo_utils.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
-    pairs = inpo_utils.PreferencePairs(dataset, args.resolution, seed=args.seed)
-    dataloader = accelerator.prepare(inpo_utils.make_dataloader(pairs, inpo_utils.collate_pairs, args))
+    dataset = train_inpo.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
+    pairs = train_inpo.PreferencePairs(dataset, args.resolution, seed=args.seed)
+    dataloader = accelerator.prepare(train_inpo.make_dataloader(pairs, train_inpo.collate_pairs, args))
     for epoch in range(2):
         pairs.set_epoch(epoch)
         dataloader.set_epoch(epoch)

@@ -10,6 +10,7 @@ import dataclasses
 from benchmarks import alignment_world as world
 from benchmarks import run_alignment
 
+
 # Pretrains in about a minute on one core. Its samples are rough (colour fidelity 0.42-0.52 at 10 DDIM steps over
 # seeds 0-2, chance 0.25) but spread over the reward (background brightness), which is all the pairs need.
 SMALL_BASE = world.BaseModelConfig(num_train_images=1024, vae_steps=100, vae_lr=3e-3, unet_steps=400, unet_lr=2e-3,

@@ -36,8 +36,9 @@ def test_background_brightness_ranks_hand_made_images():
     images = np.stack([_flat(0.2, (0.9, 0.1, 0.1)), _flat(0.8, (0.9, 0.1, 0.1)), _flat(0.5, (0.1, 0.2, 0.9))])
     rewards = world.reward_of("background_brightness", images, ["a red square", "a red square", "a blue square"])
     np.testing.assert_allclose(rewards, [0.2, 0.8, 0.5], atol=1e-9)  # the shape itself does not count
-    assert world.reward_of("background_brightness", _flat(0.5, (0.9, 0.1, 0.1))[None], ["a red square"])[0] == \
-        pytest.approx(0.5)  # fmt: skip
+    assert world.reward_of("background_brightness", _flat(0.5, (0.9, 0.1, 0.1))[None], ["a red square"])[
+        0
+    ] == pytest.approx(0.5)
 
 
 def test_centredness_ranks_hand_made_images():
@@ -92,8 +93,9 @@ def test_preference_pairs_load_with_datasets_and_have_valid_labels(tiny_base, tm
     path, config, meta = tiny_base
     pipe = world.load_pipeline(path)
     folder = str(tmp_path / "pairs")
-    pairs_meta = world.make_preference_pairs(pipe, folder, num_pairs=6, num_inference_steps=2,
-                                             fingerprint=meta["fingerprint"], log=lambda *_: None)  # fmt: skip
+    pairs_meta = world.make_preference_pairs(
+        pipe, folder, num_pairs=6, num_inference_steps=2, fingerprint=meta["fingerprint"], log=lambda *_: None
+    )
     dataset = load_dataset(folder, split="train")
     assert dataset.num_rows == 6
     assert dataset.features["caption"].dtype == "string" and dataset.features["label_0"].dtype == "float64"

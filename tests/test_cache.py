@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import launch, read_scalars, tiny_run_args
 
 import inpo_utils
 import train_inpo
+from conftest import launch, read_scalars, tiny_run_args
 
 
 def cache_args(model, data, cache_dir, **overrides):
@@ -21,29 +21,28 @@ def cache_args(model, data, cache_dir, **overrides):
 def precompute_in_process(args, record=None):
     """What `train_inpo.py --precompute_inversion_cache` does, in this process; returns the reference UNet."""
     accelerator = Accelerator(cpu=True)
-    scheduler_config = inpo_utils.check_model_family(args.pretrained_model_name_or_path, None, None, want_sdxl=False)
-    dataset = inpo_utils.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
+    scheduler_config = train_inpo.check_model_family(args.pretrained_model_name_or_path, None, None, want_sdxl=False)
+    dataset = train_inpo.load_preference_dataset(args.dataset_name, "train", log=lambda _: None)
     frozen = train_inpo.load_frozen_models(args, accelerator)
-    reference = inpo_utils.load_unet(args).requires_grad_(False)
-    step = train_inpo.SD.make_step(frozen, args=args, accelerator=accelerator, unet=None, reference=reference,
-                                   inverse_scheduler=inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps),
-                                   generator=None)  # fmt: skip
+    reference = train_inpo.load_unet(args).requires_grad_(False)
+    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
     if record is not None:
-        original = inpo_utils._cache_rows
+        original = inpo_utils.cache_rows
 
         def recording(*a, **k):
             rows = original(*a, **k)
             record.append({name: value.clone() for name, value in rows.items()})
             return rows
 
-        inpo_utils._cache_rows = recording
+        inpo_utils.cache_rows = recording
     try:
-        inpo_utils.precompute_inversion_cache(args, accelerator, dataset, step,
-                                              inpo_utils.cache_fingerprint(args, scheduler_config, False),
-                                              log=lambda _: None)  # fmt: skip
+        fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, False)
+        train_inpo.precompute_inversion_cache(
+            args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint
+        )
     finally:
         if record is not None:
-            inpo_utils._cache_rows = original
+            inpo_utils.cache_rows = original
     return accelerator, scheduler_config, reference
 
 
@@ -81,8 +80,9 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickap
 
     args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), inversion_endpoint=endpoint)
     accelerator, scheduler_config, unet = precompute_in_process(args)
-    manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir,
-                                              inpo_utils.cache_fingerprint(args, scheduler_config, False))  # fmt: skip
+    manifest = inpo_utils.read_cache_manifest(
+        args.inversion_cache_dir, inpo_utils.cache_fingerprint(args, scheduler_config, False)
+    )
     pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, endpoint, seed=0)
     batch = inpo_utils.collate_cached([pairs[i] for i in range(4)])
 
@@ -94,12 +94,19 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickap
             parameter.data.normal_(0, 0.05)
     reference = inpo_utils.AdaptersDisabled(unet)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
-    cached_loss, cached_metrics = inpo_utils.CachedInpoStep(args, accelerator, unet, inverse_scheduler.alphas_cumprod,
-                                                            "epsilon")(batch)  # fmt: skip
+    cached_loss, cached_metrics = train_inpo.compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
     online_loss, online_metrics = inpo_utils.inpo_step_loss(
-        unet, reference, reference, batch["x0"], batch["encoder_hidden_states"], inverse_scheduler, args.beta_dpo,
-        eta=0.0, endpoint=endpoint, timesteps=batch["timesteps"],
-    )  # fmt: skip
+        unet,
+        reference,
+        reference,
+        batch["x0"],
+        batch["encoder_hidden_states"],
+        inverse_scheduler,
+        args.beta_dpo,
+        eta=0.0,
+        endpoint=endpoint,
+        timesteps=batch["timesteps"],
+    )
     assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-4, abs=1e-6)
     for name in ("reference_mse", "policy_mse", "reward_margin"):
         assert cached_metrics[name].item() == pytest.approx(online_metrics[name].item(), rel=1e-3, abs=1e-7)
@@ -111,13 +118,16 @@ def test_stale_and_incomplete_caches_are_refused(tiny_sd, pickapic, tmp_path):
     _, scheduler_config, _ = precompute_in_process(args)
     stale = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), resolution=64, inversion_steps=20)
     with pytest.raises(ValueError) as error:
-        inpo_utils.read_cache_manifest(args.inversion_cache_dir,
-                                       inpo_utils.cache_fingerprint(stale, scheduler_config, False))  # fmt: skip
+        inpo_utils.read_cache_manifest(
+            args.inversion_cache_dir, inpo_utils.cache_fingerprint(stale, scheduler_config, False)
+        )
     assert "resolution: cache has 32, this run has 64" in str(error.value)
     assert "inversion_steps: cache has 10, this run has 20" in str(error.value)
     os.remove(os.path.join(args.inversion_cache_dir, "manifest.json"))
     with pytest.raises(ValueError, match="is incomplete"):
-        inpo_utils.read_cache_manifest(args.inversion_cache_dir, inpo_utils.cache_fingerprint(args, scheduler_config, False))
+        inpo_utils.read_cache_manifest(
+            args.inversion_cache_dir, inpo_utils.cache_fingerprint(args, scheduler_config, False)
+        )
     with pytest.raises(ValueError, match="does not exist"):
         inpo_utils.read_cache_manifest(str(tmp_path / "nowhere"), {})
     # Precomputing into a folder made with other settings is refused too, instead of mixing shards.
@@ -161,6 +171,8 @@ def test_cache_flags_that_contradict_are_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot train --latent_source forward"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="forward"))
     with pytest.raises(ValueError, match="drop --inversion_model policy"):
-        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy"))
+        train_inpo.parse_args(
+            tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy")
+        )
     with pytest.raises(ValueError, match="needs --inversion_cache_dir"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), precompute_inversion_cache=True))

@@ -1,17 +1,15 @@
 """Data pipeline and bad-input behaviour: every refusal says what is wrong before any model is loaded."""
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import launch, tiny_run_args
 from PIL import Image
 
 import demo
-import inpo_utils
 import train_inpo
+from conftest import launch, tiny_run_args
 
 
 def png(color, size=(40, 48)):
@@ -24,9 +22,9 @@ def test_pairs_put_the_preferred_image_first_and_share_the_flip(tmp_path):
         {"caption": "a red square", "jpg_0": png(10), "jpg_1": png(240), "label_0": 1.0},
     ]
     pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "train-00000-of-00001.parquet"))
-    dataset = inpo_utils.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
-    pairs = inpo_utils.PreferencePairs(dataset, resolution=32, random_crop=True, hflip=True, seed=3)
-    batch = inpo_utils.collate_pairs([pairs[0], pairs[1]])
+    dataset = train_inpo.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
+    pairs = train_inpo.PreferencePairs(dataset, resolution=32, random_crop=True, hflip=True, seed=3)
+    batch = train_inpo.collate_pairs([pairs[0], pairs[1]])
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     # Row order: winners of both pairs, then losers. Pair 0 prefers jpg_1 (bright), pair 1 prefers jpg_0 (dark).
     means = batch["pixel_values"].mean(dim=(1, 2, 3))
@@ -37,22 +35,28 @@ def test_pairs_put_the_preferred_image_first_and_share_the_flip(tmp_path):
 
 def test_resize_and_crop_reports_sdxl_micro_conditioning():
     image = Image.fromarray(np.zeros((60, 120, 3), dtype=np.uint8))  # h=60, w=120
-    pixels, original_size, crop = inpo_utils.resize_and_crop(image, 32, crop_fraction=(0.0, 1.0))
+    pixels, original_size, crop = train_inpo.resize_and_crop(image, 32, crop_fraction=(0.0, 1.0))
     assert pixels.shape == (3, 32, 32)
     assert original_size == (60, 120)
     assert crop == (0, 32)  # resized to 32x64, right-most crop
-    _, _, centre = inpo_utils.resize_and_crop(image, 32)
+    _, _, centre = train_inpo.resize_and_crop(image, 32)
     assert centre == (0, 16)
 
 
 def test_flip_is_shared_by_both_images_of_a_pair(tmp_path):
     left_white = np.zeros((32, 32, 3), dtype=np.uint8)
     left_white[:, :16] = 255
-    rows = [{"caption": "a cat", "jpg_0": demo.encode_png(left_white), "jpg_1": demo.encode_png(left_white),
-             "label_0": 1.0}]  # fmt: skip
+    rows = [
+        {
+            "caption": "a cat",
+            "jpg_0": demo.encode_png(left_white),
+            "jpg_1": demo.encode_png(left_white),
+            "label_0": 1.0,
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "train-00000-of-00001.parquet"))
-    dataset = inpo_utils.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
-    pairs = inpo_utils.PreferencePairs(dataset, resolution=32, hflip=True, seed=0)
+    dataset = train_inpo.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
+    pairs = train_inpo.PreferencePairs(dataset, resolution=32, hflip=True, seed=0)
     flipped_seen = set()
     for epoch in range(8):
         pairs.set_epoch(epoch)
@@ -70,7 +74,7 @@ def test_ties_and_bad_rows_are_dropped_and_counted(tmp_path):
     ]
     path = demo.build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
     messages = []
-    dataset = inpo_utils.load_preference_dataset(path, "train", log=messages.append)
+    dataset = train_inpo.load_preference_dataset(path, "train", log=messages.append)
     assert len(dataset) == 4
     assert "4 pairs kept, 1 ties dropped, 3 rows skipped" in messages[0]
     assert "jpg_0 does not decode" in messages[0] and "empty caption" in messages[0]
@@ -78,22 +82,24 @@ def test_ties_and_bad_rows_are_dropped_and_counted(tmp_path):
 
 
 def test_missing_columns_are_named(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": png(0), "label_0": 1.0}]),
-                   str(tmp_path / "train-00000-of-00001.parquet"))  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist([{"caption": "x", "jpg_0": png(0), "label_0": 1.0}]),
+        str(tmp_path / "train-00000-of-00001.parquet"),
+    )
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['jpg_1'\]"):
-        inpo_utils.load_preference_dataset(str(tmp_path), "train")
+        train_inpo.load_preference_dataset(str(tmp_path), "train")
 
 
 def test_only_ties_is_a_clear_error(tmp_path):
     rows = [{"caption": "x", "jpg_0": png(0), "jpg_1": png(9), "label_0": 0.5}]
     pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "train-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match="No usable preference pairs"):
-        inpo_utils.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
+        train_inpo.load_preference_dataset(str(tmp_path), "train", log=lambda _: None)
 
 
 def test_wrong_split_says_how_to_fix(pickapic):
     with pytest.raises(ValueError, match="--dataset_split_name"):
-        inpo_utils.load_preference_dataset(pickapic, "validation")
+        train_inpo.load_preference_dataset(pickapic, "validation")
 
 
 @pytest.mark.parametrize(
@@ -117,7 +123,7 @@ def test_bad_arguments_are_refused(override, message, tmp_path):
 def test_sample_prediction_is_refused(tmp_path):
     model = demo.build_tiny_sd(str(tmp_path / "m"), prediction_type="sample")
     with pytest.raises(ValueError, match="predicts 'sample'"):
-        inpo_utils.check_model_family(model, None, None, want_sdxl=False)
+        train_inpo.check_model_family(model, None, None, want_sdxl=False)
 
 
 def test_sdxl_checkpoint_given_to_sd_script_fails_before_training(tiny_sdxl, pickapic, tmp_path):
@@ -129,4 +135,4 @@ def test_sdxl_checkpoint_given_to_sd_script_fails_before_training(tiny_sdxl, pic
 
 def test_not_a_pipeline_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
-        inpo_utils.check_model_family(str(tmp_path), None, None, want_sdxl=False)
+        train_inpo.check_model_family(str(tmp_path), None, None, want_sdxl=False)

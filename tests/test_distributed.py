@@ -9,10 +9,11 @@ import types
 
 import pytest
 import torch
-from conftest import REPO, launch, read_scalars, run_processes, tiny_run_args
 from safetensors.torch import load_file
 
-import inpo_utils
+import train_inpo
+from conftest import REPO, launch, read_scalars, run_processes, tiny_run_args
+
 
 def torchrun(script, *args):
     """`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 script`, for real: the launch form that gives accelerate a
@@ -20,8 +21,8 @@ def torchrun(script, *args):
     multi-process tests fork their processes from preloaded interpreters (conftest.run_processes)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, ACCELERATE_USE_CPU="1")
     # --standalone: a free port per run, so test workers running side by side do not collide.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(REPO, script), *map(str, args)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [os.path.join(REPO, script), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
     return result
@@ -57,8 +58,10 @@ def test_two_process_sd_run_then_one_process_resume(tiny_sd, pickapic, tmp_path)
     assert "Num processes: 2" in log and "total pairs per step (processes x accumulation) = 4" in log
     assert "Trained weights identical on all 2 processes" in log
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "random_states_1.pkl"))
-    resumed = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=2,
-                                                     resume_from_checkpoint="latest"))  # fmt: skip
+    resumed = launch(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"),
+    )
     assert "Resuming from" in resumed.stdout + resumed.stderr
     assert os.path.isdir(os.path.join(out, "checkpoint-4"))
     assert sorted(read_scalars(out, "loss")) == [1, 2, 3, 4]
@@ -69,9 +72,15 @@ def test_deepspeed_zero2_full_fine_tune_exports_a_loadable_pipeline(tiny_sd, pic
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out = str(tmp_path / "run")
-    result = run_processes("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2,
-                                                      train_mode="full", learning_rate=1e-4), deepspeed=True)  # fmt: skip
-    assert "DistributedType.DEEPSPEED" in result.stderr and "Trained weights identical on all 2 processes" in result.stderr
+    result = run_processes(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=2, train_mode="full", learning_rate=1e-4),
+        deepspeed=True,
+    )
+    assert (
+        "DistributedType.DEEPSPEED" in result.stderr
+        and "Trained weights identical on all 2 processes" in result.stderr
+    )
     tuned = StableDiffusionPipeline.from_pretrained(out).unet
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
@@ -86,10 +95,15 @@ def test_deepspeed_zero2_lora_resumes_exactly_in_two_processes_and_loads_in_diff
     from diffusers import StableDiffusionPipeline
 
     out = str(tmp_path / "run")
-    run_processes("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1), deepspeed=True)
+    run_processes(
+        "train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1), deepspeed=True
+    )
     again = resumed_from_copy(os.path.join(out, "checkpoint-1"), str(tmp_path / "again"))
-    result = run_processes("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1,
-                                                      resume_from_checkpoint="latest"), deepspeed=True)  # fmt: skip
+    result = run_processes(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, again, steps=2, checkpointing_steps=1, resume_from_checkpoint="latest"),
+        deepspeed=True,
+    )
     assert "Loading DeepSpeed Model and Optimizer" in result.stderr
     assert_same_lora(out, again)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
@@ -101,12 +115,17 @@ def test_fsdp_refuses_what_it_cannot_run():
     from accelerate.utils import DistributedType
 
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    settings = {"train_mode": "full", "latent_source": "inversion", "inversion_model": "reference", "inversion_cache_dir": None}
-    inpo_utils.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
+    settings = {
+        "train_mode": "full",
+        "latent_source": "inversion",
+        "inversion_model": "reference",
+        "inversion_cache_dir": None,
+    }
+    train_inpo.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
     with pytest.raises(ValueError, match="FSDP is for --train_mode full"):
-        inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)
+        train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)
     with pytest.raises(ValueError, match="--inversion_model reference"):
-        inpo_utils.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
+        train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
 
 
 def test_two_process_sdxl_run(tiny_sdxl, pickapic, tmp_path):

@@ -28,9 +28,11 @@ from evaluate_inpo import (
     win_rate,
 )
 
+
 # Offline, and one thread: the tiny models' convolutions only lose from threading on a small, shared CPU.
-SUBPROCESS_ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                      OMP_NUM_THREADS="1")  # fmt: skip
+SUBPROCESS_ENV = dict(
+    os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1"
+)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = demo.DEMO_CAPTIONS[:3]
 CLIP_DIM = 16
@@ -57,8 +59,11 @@ def save_random_lora(model_dir, pipeline_cls, path):
     from peft import LoraConfig, get_peft_model_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+    unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -83,11 +88,25 @@ def tiny_clip(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("tiny-clip"))
     tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer-src"))
-    text_config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
-                   "pad_token_id": 1}  # fmt: skip
-    vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "image_size": 32, "patch_size": 8}  # fmt: skip
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    vision_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     torch.manual_seed(0)
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=CLIP_DIM)
     CLIPModel(config).save_pretrained(path)
@@ -123,14 +142,30 @@ def prompt_file(tmp_path_factory):
 
 def run_script(*args):
     command = [sys.executable, os.path.join(REPO_ROOT, "evaluate_inpo.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=REPO_ROOT, timeout=300,
-                          check=False)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=REPO_ROOT, timeout=300, check=False
+    )
 
 
 def base_args(tiny_sd, tuned, prompt_file, output_dir):
-    return ["--pretrained_model_name_or_path", tiny_sd, "--tuned_model_name_or_path", tuned,
-            "--prompt_file", prompt_file, "--output_dir", str(output_dir), "--num_inference_steps", "3",
-            "--batch_size", "2", "--device", "cpu", "--grid_cell_size", "32"]  # fmt: skip
+    return [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--tuned_model_name_or_path",
+        tuned,
+        "--prompt_file",
+        prompt_file,
+        "--output_dir",
+        str(output_dir),
+        "--num_inference_steps",
+        "3",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--grid_cell_size",
+        "32",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,8 +236,9 @@ def test_pickscore_and_clip_score_hand_computed():
     image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0], [2.0, 0.0]])
     text = torch.tensor([[5.0, 0.0], [0.0, 1.0], [4.0, 3.0], [-1.0, 0.0]])  # cos: 1, 0, 24/25, -1
     logit_scale = torch.tensor(np.log(100.0))
-    torch.testing.assert_close(pickscore_from_embeddings(image, text, logit_scale),
-                               torch.tensor([100.0, 0.0, 96.0, -100.0]))  # fmt: skip
+    torch.testing.assert_close(
+        pickscore_from_embeddings(image, text, logit_scale), torch.tensor([100.0, 0.0, 96.0, -100.0])
+    )
     torch.testing.assert_close(clip_score_from_embeddings(image, text), torch.tensor([100.0, 0.0, 96.0, 0.0]))
 
 
@@ -287,8 +323,9 @@ def test_resolve_tuned_detects_each_kind(tiny_sd, tiny_lora, tmp_path):
 def test_generation_depends_on_seed_not_batch(tiny_sd, tmp_path):
     from diffusers import DiffusionPipeline
 
-    pipe = evaluate_inpo.load_pipeline(tiny_sd, DiffusionPipeline.load_config(tiny_sd), torch.device("cpu"),
-                                       torch.float32)  # fmt: skip
+    pipe = evaluate_inpo.load_pipeline(
+        tiny_sd, DiffusionPipeline.load_config(tiny_sd), torch.device("cpu"), torch.float32
+    )
     seeds = [10, 11, 12]
     batched = evaluate_inpo.generate_images(pipe, PROMPTS, seeds, str(tmp_path / "b3"), 3, "b3", num_inference_steps=2)
     single = evaluate_inpo.generate_images(pipe, PROMPTS, seeds, str(tmp_path / "b1"), 1, "b1", num_inference_steps=2)
@@ -308,13 +345,23 @@ def _pixels(path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_end_to_end_lora_with_all_local_scorers(tiny_sd, tiny_lora, tiny_clip, tiny_aesthetic_head, prompt_file,
-                                                tmp_path):  # fmt: skip
+def test_end_to_end_lora_with_all_local_scorers(
+    tiny_sd, tiny_lora, tiny_clip, tiny_aesthetic_head, prompt_file, tmp_path
+):
     output_dir = tmp_path / "eval"
-    result = run_script(*base_args(tiny_sd, tiny_lora, prompt_file, output_dir),
-                        "--pickscore_model", tiny_clip, "--clip_model", tiny_clip,
-                        "--aesthetic_head", tiny_aesthetic_head, "--aesthetic_clip_model", tiny_clip,
-                        "--bootstrap_samples", "200")  # fmt: skip
+    result = run_script(
+        *base_args(tiny_sd, tiny_lora, prompt_file, output_dir),
+        "--pickscore_model",
+        tiny_clip,
+        "--clip_model",
+        tiny_clip,
+        "--aesthetic_head",
+        tiny_aesthetic_head,
+        "--aesthetic_clip_model",
+        tiny_clip,
+        "--bootstrap_samples",
+        "200",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "win rate" in result.stdout
 
@@ -378,8 +425,9 @@ def test_identical_tuned_model_ties_everywhere(tiny_sd, tiny_clip, prompt_file, 
     # The base model passed back as the "tuned" one: same seeds give the same images, so every prompt is a tie.
     tuned = tiny_sd if tuned_kind == "pipeline" else os.path.join(tiny_sd, "unet")
     output_dir = tmp_path / "eval"
-    evaluate_inpo.main(base_args(tiny_sd, tuned, prompt_file, output_dir) + ["--clip_model", tiny_clip,
-                                                                             "--max_prompts", "2"])
+    evaluate_inpo.main(
+        base_args(tiny_sd, tuned, prompt_file, output_dir) + ["--clip_model", tiny_clip, "--max_prompts", "2"]
+    )
     with open(output_dir / "scores.json") as f:
         report = json.load(f)
     assert report["config"]["tuned_type"] == tuned_kind

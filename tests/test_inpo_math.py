@@ -18,10 +18,15 @@ from inpo_utils import (
     v_prediction_target,
 )
 
+
 SD15_SCHEDULE = {
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-    "set_alpha_to_one": False, "steps_offset": 1,
-}  # fmt: skip
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
 
 
 class ConstantNoiseUNet(torch.nn.Module):
@@ -44,10 +49,17 @@ class ConstantNoiseUNet(torch.nn.Module):
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-    ).eval()  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
 
 
 def test_grid_follows_model_config():
@@ -181,8 +193,9 @@ def test_eta_adds_scaled_posterior_noise():
     t = torch.tensor([50])  # exactly one grid step, landing on τ=1
     unet = ConstantNoiseUNet(c)
     clean = ddim_invert(unet, x0, t, torch.zeros(1, 2, 16), scheduler, eta=0.0)
-    noisy = ddim_invert(unet, x0, t, torch.zeros(1, 2, 16), scheduler, eta=0.1,
-                        generator=torch.Generator().manual_seed(7))  # fmt: skip
+    noisy = ddim_invert(
+        unet, x0, t, torch.zeros(1, 2, 16), scheduler, eta=0.1, generator=torch.Generator().manual_seed(7)
+    )
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     sigma = inversion_noise_std(scheduler.alphas_cumprod, torch.tensor([1]), 100)
     torch.testing.assert_close(noisy - clean, 0.1 * sigma * z, atol=1e-6, rtol=1e-5)

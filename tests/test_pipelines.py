@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import launch, tiny_run_args
 from PIL import Image
+
+from conftest import launch, tiny_run_args
 
 
 PROMPT = "a red square"

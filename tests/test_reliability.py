@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, launch, read_scalars, tiny_run_args
 from safetensors.torch import load_file
 
 import demo
-import inpo_utils
 import train_inpo
+from conftest import REPO, launch, read_scalars, tiny_run_args
+
 
 HUGE_BETA = "1e39"  # overflows float32: inside = −½β·0 is NaN at step 1 (policy == reference)
 
@@ -39,8 +39,9 @@ def test_non_finite_loss_stops_with_the_step_and_metrics(tiny_sd, pickapic, tmp_
 
 def test_skip_nonfinite_steps_tolerates_a_few(tiny_sd, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=3, beta_dpo=HUGE_BETA,
-                                                    skip_nonfinite_steps=3))  # fmt: skip
+    result = launch(
+        "train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=3, beta_dpo=HUGE_BETA, skip_nonfinite_steps=3)
+    )
     assert result.stderr.count("Skipped optimizer step") == 3
     assert read_scalars(out, "skipped_nonfinite_steps") == {1: 1.0, 2: 2.0, 3: 3.0}
     # No update was applied: the zero-initialised LoRA up-weights are still zero.
@@ -52,29 +53,35 @@ def test_non_finite_step_leaves_the_last_good_checkpoint_alone(tiny_sd, pickapic
     launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, checkpointing_steps=1))
     checkpoint = os.path.join(out, "checkpoint-2")
     before = {name: os.stat(os.path.join(checkpoint, name)).st_mtime_ns for name in os.listdir(checkpoint)}
-    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, checkpointing_steps=1,
-                                                    beta_dpo=HUGE_BETA, resume_from_checkpoint="latest"), check=False)  # fmt: skip
+    result = launch(
+        "train_inpo.py",
+        *tiny_run_args(
+            tiny_sd, pickapic, out, steps=4, checkpointing_steps=1, beta_dpo=HUGE_BETA, resume_from_checkpoint="latest"
+        ),
+        check=False,
+    )
     assert result.returncode != 0
     assert "at optimizer step 3" in result.stderr and "the last good checkpoint is checkpoint-2" in result.stderr
-    assert inpo_utils.list_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    assert train_inpo.list_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
     assert {name: os.stat(os.path.join(checkpoint, name)).st_mtime_ns for name in os.listdir(checkpoint)} == before
 
 
 def test_half_written_checkpoint_is_never_picked_as_latest(tmp_path):
     os.makedirs(tmp_path / "checkpoint-2")
     os.makedirs(tmp_path / ".partial-checkpoint-4")  # what a kill during save leaves behind
-    assert inpo_utils.resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert train_inpo.resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
     os.makedirs(tmp_path / "checkpoint-10")
-    assert inpo_utils.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]  # numeric order
-    assert inpo_utils.prune_checkpoints(str(tmp_path), total_limit=2) == ["checkpoint-2"]
+    assert train_inpo.list_checkpoints(str(tmp_path)) == ["checkpoint-2", "checkpoint-10"]  # numeric order
+    assert train_inpo.prune_checkpoints(str(tmp_path), total_limit=2) == ["checkpoint-2"]
 
 
 def test_kill_9_then_resume_latest_equals_uninterrupted_run(tiny_sd, pickapic, uninterrupted, tmp_path):
     out = str(tmp_path / "run")
     args = tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2)
     command = [sys.executable, os.path.join(REPO, "train_inpo.py"), *args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True
+    )
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(out, "checkpoint-2")) and time.time() < deadline:
         assert process.poll() is None, "training ended before it could be killed"
@@ -93,7 +100,9 @@ def test_bf16_resume_keeps_fp32_lora_and_the_loss_trajectory(tiny_sd, pickapic, 
     common = {"mixed_precision": "bf16", "checkpointing_steps": 2, "resolution": 16}
     launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, full, steps=4, **common))
     launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=2, **common))
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=4, resume_from_checkpoint="latest", **common))
+    launch(
+        "train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=4, resume_from_checkpoint="latest", **common)
+    )
     resumed, straight = lora(part), lora(full)
     assert {v.dtype for v in resumed.values()} == {torch.float32}  # trainable params stayed fp32 after load_state
     assert_same_lora(resumed, straight)
@@ -106,7 +115,9 @@ def test_output_dir_of_another_run_is_refused(tiny_sd, pickapic, uninterrupted, 
     other = tiny_run_args(tiny_sd, pickapic, uninterrupted, rank=8, resume_from_checkpoint="latest")
     result = launch("train_inpo.py", *other, check=False)
     assert result.returncode != 0
-    assert "holds checkpoints of a run with other settings" in result.stderr and "rank: that run has 4" in result.stderr
+    assert (
+        "holds checkpoints of a run with other settings" in result.stderr and "rank: that run has 4" in result.stderr
+    )
     fresh = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, uninterrupted), check=False)
     assert fresh.returncode != 0 and "pass --resume_from_checkpoint latest" in fresh.stderr
 
@@ -119,7 +130,7 @@ def test_missing_subfolder_is_named(tiny_sd, tmp_path):
     shutil.rmtree(os.path.join(model, "vae"))
     args = train_inpo.parse_args(tiny_run_args(model, "data", str(tmp_path / "o")))
     with pytest.raises(ValueError, match=r"lacks the subfolder\(s\) \['vae'\]"):
-        inpo_utils.check_local_pipeline(args, is_sdxl=False)
+        train_inpo.check_local_pipeline(args)
 
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path):
@@ -131,9 +142,11 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     unet.save_pretrained(os.path.join(model, "unet"), safe_serialization=False)  # a pickle .bin
     args = train_inpo.parse_args(tiny_run_args(model, "data", str(tmp_path / "o")))
     with pytest.raises(OSError, match="safetensors"):
-        inpo_utils.load_unet(args)
-    allowed = train_inpo.parse_args(tiny_run_args(model, "data", str(tmp_path / "o"), allow_unsafe_pickle_weights=True))
-    assert inpo_utils.load_unet(allowed) is not None
+        train_inpo.load_unet(args)
+    allowed = train_inpo.parse_args(
+        tiny_run_args(model, "data", str(tmp_path / "o"), allow_unsafe_pickle_weights=True)
+    )
+    assert train_inpo.load_unet(allowed) is not None
 
 
 def test_hub_token_never_reaches_logs_trackers_or_model_card(tiny_sd, pickapic, tmp_path):

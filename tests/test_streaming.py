@@ -11,11 +11,12 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import launch, run_processes, tiny_run_args
 from safetensors.torch import load_file
 
 import demo
-import inpo_utils
+import train_inpo
+from conftest import launch, run_processes, tiny_run_args
+
 
 ONE_PROCESS = types.SimpleNamespace(process_index=0, num_processes=1, device="cpu")
 
@@ -41,22 +42,36 @@ def truncated_png():
 
 def test_stream_drops_ties_and_bad_rows_like_the_map_style_path(tmp_path, caplog):
     bad_rows = [
-        {"caption": "a red square", "jpg_0": b"not an image", "jpg_1": demo.encode_png(np.zeros((8, 8, 3), np.uint8)),
-         "label_0": 1.0},
-        {"caption": "   ", "jpg_0": demo.encode_png(np.zeros((8, 8, 3), np.uint8)),
-         "jpg_1": demo.encode_png(np.ones((8, 8, 3), np.uint8)), "label_0": 0.0},
-        {"caption": "a cat", "jpg_0": truncated_png(), "jpg_1": demo.encode_png(np.ones((8, 8, 3), np.uint8)),
-         "label_0": 0.0},
-    ]  # fmt: skip
+        {
+            "caption": "a red square",
+            "jpg_0": b"not an image",
+            "jpg_1": demo.encode_png(np.zeros((8, 8, 3), np.uint8)),
+            "label_0": 1.0,
+        },
+        {
+            "caption": "   ",
+            "jpg_0": demo.encode_png(np.zeros((8, 8, 3), np.uint8)),
+            "jpg_1": demo.encode_png(np.ones((8, 8, 3), np.uint8)),
+            "label_0": 0.0,
+        },
+        {
+            "caption": "a cat",
+            "jpg_0": truncated_png(),
+            "jpg_1": demo.encode_png(np.ones((8, 8, 3), np.uint8)),
+            "label_0": 0.0,
+        },
+    ]
     path = demo.build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
-    stream = inpo_utils.load_preference_stream(path, "train", None, shuffle_buffer_size=16, seed=0,
-                                               process_index=0, num_processes=1)  # fmt: skip
-    pairs = inpo_utils.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
-    with caplog.at_level(logging.INFO, logger="inpo_utils"):
+    stream = train_inpo.load_preference_stream(
+        path, "train", None, shuffle_buffer_size=16, seed=0, process_index=0, num_processes=1
+    )
+    pairs = train_inpo.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
+    with caplog.at_level(logging.INFO, logger="train_inpo"):
         (streamed,) = epochs_of(pairs, 1)
 
-    map_style = inpo_utils.PreferencePairs(inpo_utils.load_preference_dataset(path, "train", log=lambda _: None),
-                                           32, hflip=False)  # fmt: skip
+    map_style = train_inpo.PreferencePairs(
+        train_inpo.load_preference_dataset(path, "train", log=lambda _: None), 32, hflip=False
+    )
     decodable = [example for example in map(map_style.__getitem__, range(len(map_style))) if example is not None]
     assert len(streamed) == 4 and sorted(map(digest, streamed)) == sorted(map(digest, decodable))
     summary = next(r.message for r in caplog.records if r.message.startswith("Streamed epoch 0"))
@@ -65,9 +80,10 @@ def test_stream_drops_ties_and_bad_rows_like_the_map_style_path(tmp_path, caplog
 
 
 def test_stream_reshuffles_each_epoch_and_reads_every_pair_once(pickapic):
-    stream = inpo_utils.load_preference_stream(pickapic, "train", None, shuffle_buffer_size=16, seed=0,
-                                               process_index=0, num_processes=1)  # fmt: skip
-    pairs = inpo_utils.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
+    stream = train_inpo.load_preference_stream(
+        pickapic, "train", None, shuffle_buffer_size=16, seed=0, process_index=0, num_processes=1
+    )
+    pairs = train_inpo.StreamingPairs(stream, 32, random_crop=False, hflip=False, seed=0, accelerator=ONE_PROCESS)
     first, second = [list(map(digest, epoch)) for epoch in epochs_of(pairs, 2)]
     assert len(first) == len(set(first)) == 8
     assert sorted(first) == sorted(second) and first != second
@@ -77,10 +93,12 @@ def test_stream_with_missing_columns_fails_before_training(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": b"", "label_0": 1.0}]),
-                   str(tmp_path / "train-00000-of-00001.parquet"))  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist([{"caption": "x", "jpg_0": b"", "label_0": 1.0}]),
+        str(tmp_path / "train-00000-of-00001.parquet"),
+    )
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['jpg_1'\]"):
-        inpo_utils.load_preference_stream(str(tmp_path), "train", None, 8, 0, 0, 1)
+        train_inpo.load_preference_stream(str(tmp_path), "train", None, 8, 0, 0, 1)
 
 
 def streaming_args(model, data, out, **overrides):
@@ -94,8 +112,10 @@ def test_streaming_resume_continues_exactly(tiny_sd, pickapic, tmp_path):
     os.makedirs(resumed)
     for name in ("checkpoint-3", "inpo_run.json"):
         (shutil.copytree if name.startswith("checkpoint") else shutil.copy)(f"{whole}/{name}", f"{resumed}/{name}")
-    result = launch("train_inpo.py", *streaming_args(tiny_sd, pickapic, resumed, steps=6, checkpointing_steps=3,
-                                                     resume_from_checkpoint="latest"))  # fmt: skip
+    result = launch(
+        "train_inpo.py",
+        *streaming_args(tiny_sd, pickapic, resumed, steps=6, checkpointing_steps=3, resume_from_checkpoint="latest"),
+    )
     assert "Streamed epoch 0 on process 0 (from row 6)" in result.stderr
     expected, got = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in (whole, resumed))
     assert expected.keys() == got.keys()
@@ -106,8 +126,8 @@ def test_streaming_resume_continues_exactly(tiny_sd, pickapic, tmp_path):
 def test_two_process_stream_partitions_each_epoch(tiny_sd, pickapic, tmp_path):
     result = run_processes("tests/dist_sampler_check.py", *streaming_args(tiny_sd, pickapic, str(tmp_path), seed=3))
     epochs = json.loads(result.stdout.split("EPOCHS=")[1].splitlines()[0])
-    stream = inpo_utils.load_preference_stream(pickapic, "train", None, 16, 0, 0, 1)
-    (epoch,) = epochs_of(inpo_utils.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS), 1)
+    stream = train_inpo.load_preference_stream(pickapic, "train", None, 16, 0, 0, 1)
+    (epoch,) = epochs_of(train_inpo.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS), 1)
     all_pairs = sorted(digest(example)[:12] for example in epoch)
     for per_process in epochs:
         assert all(per_process)  # both processes read some
@@ -119,8 +139,8 @@ def test_resume_with_another_process_count_says_what_it_cannot_restore(pickapic,
     from accelerate.state import PartialState
 
     PartialState(cpu=True)  # the warning goes through accelerate's main-process logger
-    stream = inpo_utils.load_preference_stream(pickapic, "train", None, 4, 0, 0, 1)
-    pairs = inpo_utils.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS)
+    stream = train_inpo.load_preference_stream(pickapic, "train", None, 4, 0, 0, 1)
+    pairs = train_inpo.StreamingPairs(stream, 32, False, False, 0, ONE_PROCESS)
     written_by_two = {"positions": torch.tensor([[1, 3], [2, 0]])}  # (epoch, rows read) of each process
     with caplog.at_level(logging.WARNING):
         pairs.load_state_dict(written_by_two)

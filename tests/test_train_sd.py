@@ -6,17 +6,19 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, launch, read_scalars, tiny_run_args
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-import inpo_utils
+import train_inpo
+from conftest import accelerate_launch, launch, read_scalars, tiny_run_args
 
 
 def generate(pipe, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return pipe("a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np").images
+    return pipe(
+        "a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np"
+    ).images
 
 
 def assert_finite_losses(output_dir, steps):
@@ -45,8 +47,12 @@ def test_lora_run_writes_loadable_lora_that_changes_output(tiny_sd, pickapic, tm
 
 def test_8bit_adam_gradient_checkpointing_and_forward_noise(tiny_sd, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=3, use_8bit_adam=True,
-                                           gradient_checkpointing=True, latent_source="forward"))  # fmt: skip
+    launch(
+        "train_inpo.py",
+        *tiny_run_args(
+            tiny_sd, pickapic, out, steps=3, use_8bit_adam=True, gradient_checkpointing=True, latent_source="forward"
+        ),
+    )
     assert_finite_losses(out, 3)
     weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     # Gaussian-initialised A and zero-initialised B: B is non-zero only if 8-bit AdamW updated it.
@@ -56,8 +62,12 @@ def test_8bit_adam_gradient_checkpointing_and_forward_noise(tiny_sd, pickapic, t
 
 def test_full_fine_tune_saves_a_pipeline_with_a_changed_unet(tiny_sd, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, train_mode="full",
-                                           inversion_model="reference", learning_rate=1e-4))  # fmt: skip
+    launch(
+        "train_inpo.py",
+        *tiny_run_args(
+            tiny_sd, pickapic, out, steps=2, train_mode="full", inversion_model="reference", learning_rate=1e-4
+        ),
+    )
     assert_finite_losses(out, 2)
     tuned = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
@@ -71,9 +81,21 @@ def test_v_prediction_bf16_run_logs_validation_images(tiny_sd_vpred, pickapic, t
 
     out = str(tmp_path / "run")
     # 16 px (8x8 latents): bf16 convolutions run 30x slower than fp32 on CPUs without bf16 instructions.
-    launch("train_inpo.py", *tiny_run_args(tiny_sd_vpred, pickapic, out, steps=2, inversion_endpoint="exact",
-                                           mixed_precision="bf16", run_validation=True, validation_steps=2, resolution=16,
-                                           validation_prompts=["a red square", "a blue circle"]))  # fmt: skip
+    launch(
+        "train_inpo.py",
+        *tiny_run_args(
+            tiny_sd_vpred,
+            pickapic,
+            out,
+            steps=2,
+            inversion_endpoint="exact",
+            mixed_precision="bf16",
+            resolution=16,
+            run_validation=True,
+            validation_steps=2,
+            validation_prompts=["a red square", "a blue circle"],
+        ),
+    )
     assert_finite_losses(out, 2)
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
     images = {}
@@ -93,11 +115,12 @@ def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupte
     common = {"checkpointing_steps": 2}
     # Stop after the checkpoint at step 2, then resume from it up to the uninterrupted run's 6 steps.
     launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=2, **common))
-    assert inpo_utils.list_checkpoints(part) == ["checkpoint-2"]
-    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=6, resume_from_checkpoint="latest",
-                                                    **common))  # fmt: skip
+    assert train_inpo.list_checkpoints(part) == ["checkpoint-2"]
+    result = launch(
+        "train_inpo.py", *tiny_run_args(tiny_sd, pickapic, part, steps=6, resume_from_checkpoint="latest", **common)
+    )
     assert "Resuming from" in result.stdout + result.stderr
-    assert inpo_utils.list_checkpoints(part) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert train_inpo.list_checkpoints(part) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     resumed = load_file(os.path.join(part, "pytorch_lora_weights.safetensors"))
     straight = load_file(os.path.join(uninterrupted, "pytorch_lora_weights.safetensors"))
     assert resumed.keys() == straight.keys()

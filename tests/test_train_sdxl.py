@@ -6,17 +6,18 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import launch, tiny_run_args
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-import inpo_utils
 import train_inpo_sdxl
+from conftest import launch, tiny_run_args
 
 
 def generate(pipe):
     generator = torch.Generator().manual_seed(0)
-    return pipe("a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np").images
+    return pipe(
+        "a red square", num_inference_steps=4, generator=generator, height=32, width=32, output_type="np"
+    ).images
 
 
 def test_sdxl_lora_run_loads_in_sdxl_pipeline_and_changes_output(tiny_sdxl, pickapic, tmp_path):
@@ -33,7 +34,7 @@ def test_sdxl_lora_run_loads_in_sdxl_pipeline_and_changes_output(tiny_sdxl, pick
 
 def test_time_ids_of_a_non_square_off_centre_crop():
     image = Image.fromarray(np.zeros((300, 200, 3), dtype=np.uint8))  # h=300, w=200
-    _, original_size, crop = inpo_utils.resize_and_crop(image, 64, crop_fraction=(0.25, 0.5))
+    _, original_size, crop = train_inpo_sdxl.resize_and_crop(image, 64, crop_fraction=(0.25, 0.5))
     # Resized to 64 wide, 96 high; a quarter of the 32 spare rows above the crop.
     assert original_size == (300, 200) and crop == (8, 0)
     time_ids = train_inpo_sdxl.sdxl_time_ids(torch.tensor([original_size]), torch.tensor([crop]), 64)
@@ -44,20 +45,27 @@ def test_time_ids_of_a_non_square_off_centre_crop():
 def test_conditioning_shapes_and_time_ids(tiny_sdxl, fixed):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
-                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]  # fmt: skip
+    frozen = {
+        "tokenizer": CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer"),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer_2"),
+        "text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2"),
+    }
     args = types.SimpleNamespace(resolution=32, fixed_time_ids=fixed, proportion_empty_prompts=0.0)
-    step = train_inpo_sdxl.SDXLInpoStep(tokenizers, encoders, args=args, accelerator=None, unet=None, reference=None,
-                                        vae=None, inverse_scheduler=None, generator=torch.Generator())  # fmt: skip
-    batch = {"captions": ["a cat", "a dog"], "original_sizes": torch.tensor([[40, 48], [50, 60], [40, 48], [70, 80]]),
-             "crop_top_lefts": torch.tensor([[0, 4], [0, 7], [0, 4], [1, 2]])}  # fmt: skip
-    hidden, added = step.encode_conditioning(batch)
+    batch = {
+        "captions": ["a cat", "a dog"],
+        "original_sizes": torch.tensor([[40, 48], [50, 60], [40, 48], [70, 80]]),
+        "crop_top_lefts": torch.tensor([[0, 4], [0, 7], [0, 4], [1, 2]]),
+    }
+    hidden, added = train_inpo_sdxl.encode_prompt(batch, frozen, args, torch.Generator())
     assert hidden.shape == (4, 16, 64)  # 2 pairs x 2 images, both encoders' 32-d states concatenated
     torch.testing.assert_close(hidden[:2], hidden[2:])  # a pair shares its caption
     assert added["text_embeds"].shape == (4, 32)
-    expected = [[32, 32, 0, 0, 32, 32]] * 4 if fixed else [[40, 48, 0, 4, 32, 32], [50, 60, 0, 7, 32, 32],
-                                                            [40, 48, 0, 4, 32, 32], [70, 80, 1, 2, 32, 32]]  # fmt: skip
+    expected = (
+        [[32, 32, 0, 0, 32, 32]] * 4
+        if fixed
+        else [[40, 48, 0, 4, 32, 32], [50, 60, 0, 7, 32, 32], [40, 48, 0, 4, 32, 32], [70, 80, 1, 2, 32, 32]]
+    )
     assert added["time_ids"].tolist() == expected
 
 
@@ -65,4 +73,4 @@ def test_sd_checkpoint_given_to_sdxl_script_fails_clearly(tiny_sd):
     # The check train_inpo_sdxl.py runs first, before the data or any weights (its launch is tested for the SD
     # script in test_data_and_inputs.py).
     with pytest.raises(ValueError, match="is not an SDXL checkpoint .* use train_inpo.py"):
-        inpo_utils.check_model_family(tiny_sd, None, None, want_sdxl=train_inpo_sdxl.SDXL.is_sdxl)
+        train_inpo_sdxl.check_model_family(tiny_sd, None, None, want_sdxl=train_inpo_sdxl.IS_SDXL)
