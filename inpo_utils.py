@@ -216,22 +216,35 @@ def per_sample_mse(prediction, target):
     return (prediction.float() - target.float()).pow(2).mean(dim=list(range(1, prediction.ndim)))
 
 
-def inpo_loss(policy_error_w, policy_error_l, reference_error_w, reference_error_l, beta):
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def inpo_loss(policy_error_w, policy_error_l, reference_error_w, reference_error_l, beta, loss_type="sigmoid"):
     """The InPO (Diffusion-DPO form) loss on B pairs.
 
-    inside = −½·β·[(e_θ,w − e_ref,w) − (e_θ,l − e_ref,l)],  loss = mean(−log σ(inside)).
+    logits = (e_ref,w − e_ref,l) − (e_θ,w − e_θ,l),  inside = ½·β·logits, i.e.
+    inside = −½·β·[(e_θ,w − e_ref,w) − (e_θ,l − e_ref,l)], and per `loss_type`, averaged over pairs:
+      sigmoid: −log σ(inside)              (the paper's loss)
+      hinge:   max(0, 1 − β·logits)        (as diffusers' train_diffusion_dpo.py)
+      ipo:     (logits − 1/(2·β))²         (as diffusers' train_diffusion_dpo.py, with β = beta_dpo)
 
     `inside` is also the implicit reward margin r_w − r_l with r = −½·β·(e_θ − e_ref). Accuracy counts
     inside > 0 as 1 and a tie (inside == 0) as ½.
 
-    Args: four (B,) per-sample errors from `per_sample_mse`; beta a float.
+    Args: four (B,) per-sample errors from `per_sample_mse`; beta a float; loss_type one of LOSS_TYPES.
     Returns: (loss, metrics) with loss a scalar tensor (with grad through the policy errors) and metrics a dict
     of float scalar tensors: loss, implicit_acc, reward_margin, policy_mse, reference_mse (means over all 2B rows).
     """
-    policy_diff = policy_error_w - policy_error_l
-    reference_diff = reference_error_w - reference_error_l
-    inside = -0.5 * beta * (policy_diff - reference_diff)
-    loss = -F.logsigmoid(inside).mean()
+    logits = (reference_error_w - reference_error_l) - (policy_error_w - policy_error_l)
+    inside = 0.5 * beta * logits
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(inside).mean()
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * logits).mean()
+    elif loss_type == "ipo":
+        loss = ((logits - 1 / (2 * beta)) ** 2).mean()
+    else:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
     with torch.no_grad():
         accuracy = (inside > 0).float() + 0.5 * (inside == 0).float()
         metrics = {
@@ -325,7 +338,15 @@ def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidd
 
 
 def score_pairs(
-    policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta, added_cond_kwargs=None
+    policy_unet,
+    latents,
+    target,
+    timesteps,
+    encoder_hidden_states,
+    reference_errors,
+    beta,
+    added_cond_kwargs=None,
+    loss_type="sigmoid",
 ):
     """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref.
 
@@ -336,7 +357,8 @@ def score_pairs(
     policy_errors = per_sample_mse(
         policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample, target
     )
-    loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.to(policy_errors).chunk(2), beta)
+    reference_errors = reference_errors.to(policy_errors)
+    loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.chunk(2), beta, loss_type)
     metrics["timestep"] = timesteps.float().mean()
     return loss, metrics
 
@@ -355,6 +377,7 @@ def inpo_step_loss(
     added_cond_kwargs=None,
     timesteps=None,
     generator=None,
+    loss_type="sigmoid",
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
@@ -391,7 +414,15 @@ def inpo_step_loss(
         reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
     )
     return score_pairs(
-        policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta, added_cond_kwargs
+        policy_unet,
+        latents,
+        target,
+        timesteps,
+        encoder_hidden_states,
+        reference_errors,
+        beta,
+        added_cond_kwargs,
+        loss_type,
     )
 
 
@@ -713,6 +744,7 @@ def cached_step_loss(
     prediction_type,
     beta,
     added_cond_kwargs=None,
+    loss_type="sigmoid",
 ):
     """InPO loss and metrics for B pairs read from the cache: one policy forward, nothing else.
 
@@ -724,5 +756,13 @@ def cached_step_loss(
     noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
     target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
     return score_pairs(
-        policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta, added_cond_kwargs
+        policy_unet,
+        latents,
+        target,
+        timesteps,
+        encoder_hidden_states,
+        reference_errors,
+        beta,
+        added_cond_kwargs,
+        loss_type,
     )

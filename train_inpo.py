@@ -24,6 +24,7 @@ import time
 import datasets
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, send_to_device, set_seed
@@ -31,7 +32,13 @@ from datasets.distributed import split_dataset_by_node
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
+from diffusers.utils import (
+    convert_all_state_dict_to_peft,
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+    convert_unet_state_dict_to_peft,
+    make_image_grid,
+)
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from diffusers.utils.import_utils import is_xformers_available
 from diffusers.utils.torch_utils import is_compiled_module
@@ -39,6 +46,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -57,6 +65,7 @@ DEFAULT_VALIDATION_PROMPTS = [
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 RUN_SETTINGS_FILE = "inpo_run.json"
 # Settings a checkpoint cannot be resumed across: they change what the saved weights are.
 STRUCTURAL_SETTINGS = (
@@ -159,6 +168,13 @@ def add_inpo_args(parser, default_beta):
         help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).",
     )
     group.add_argument(
+        "--loss_type",
+        choices=inpo_utils.LOSS_TYPES,
+        default="sigmoid",
+        help="sigmoid: the paper's −log σ(½·β·logits). hinge, ipo: as diffusers' train_diffusion_dpo.py "
+        "(logits = reference error gap − policy error gap).",
+    )
+    group.add_argument(
         "--train_mode",
         choices=("lora", "full"),
         default="lora",
@@ -220,7 +236,16 @@ def add_optimization_args(parser, default_output_dir):
         help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
     )
     group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument(
+        "--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts scheduler."
+    )
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    group.add_argument(
+        "--use_adafactor",
+        action="store_true",
+        help="transformers' Adafactor at a fixed lr (the authors' SDXL optimizer) instead of AdamW.",
+    )
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -255,6 +280,11 @@ def add_checkpoint_and_logging_args(parser):
     group.add_argument("--run_validation", action="store_true", help="Generate validation images.")
     group.add_argument("--validation_steps", type=int, default=200)
     group.add_argument("--validation_prompts", nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
+    group.add_argument(
+        "--output_kohya_format",
+        action="store_true",
+        help=f"Also write the LoRA in the kohya / webui layout ({KOHYA_LORA_WEIGHT_NAME}).",
+    )
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", default=None)
     group.add_argument("--hub_token", default=None)
@@ -289,6 +319,10 @@ def validate_args(args):
         problems.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
     if args.beta_dpo <= 0:
         problems.append(f"--beta_dpo must be positive, got {args.beta_dpo}.")
+    if args.use_adafactor and args.use_8bit_adam:
+        problems.append("--use_adafactor and --use_8bit_adam choose different optimizers: pass one of them.")
+    if args.output_kohya_format and args.train_mode != "lora":
+        problems.append("--output_kohya_format converts a LoRA: it needs --train_mode lora.")
     if not 1 <= args.inversion_steps <= 1000:
         problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
     if args.inversion_eta < 0:
@@ -869,6 +903,16 @@ def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
 
 
 def make_optimizer(params, args):
+    if args.use_adafactor:
+        # As the authors' SDXL runs: an external lr (no relative steps, no parameter scaling), update clipping 1.
+        return transformers.Adafactor(
+            params,
+            lr=args.learning_rate,
+            weight_decay=args.adam_weight_decay,
+            clip_threshold=1.0,
+            scale_parameter=False,
+            relative_step=False,
+        )
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -901,6 +945,8 @@ def make_lr_scheduler(optimizer, args, num_processes):
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * num_processes,
         num_training_steps=args.max_train_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
 
 
@@ -1030,6 +1076,7 @@ def compute_loss(
             endpoint=args.inversion_endpoint,
             added_cond_kwargs=added_cond_kwargs,
             generator=generator,
+            loss_type=args.loss_type,
         )
 
 
@@ -1049,6 +1096,7 @@ def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
             inverse_scheduler.config.prediction_type,
             args.beta_dpo,
             added,
+            loss_type=args.loss_type,
         )
 
 
@@ -1272,6 +1320,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | setting | value |
 |---|---|
 | β (beta_dpo) | {args.beta_dpo} |
+| loss | {args.loss_type} |
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
@@ -1314,6 +1363,13 @@ def push_output_to_hub(args):
     )
 
 
+def save_kohya_lora(output_dir):
+    """A second copy of the saved LoRA in the kohya / webui key layout, through diffusers' own converters."""
+    diffusers_lora = load_file(os.path.join(output_dir, LORA_WEIGHT_NAME))
+    kohya_lora = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_lora))
+    save_file(kohya_lora, os.path.join(output_dir, KOHYA_LORA_WEIGHT_NAME))
+
+
 def save_and_validate(args, accelerator, unet, frozen):
     """The final save (diffusers-format LoRA or a full pipeline), validation of what was saved, the model card."""
     policy = exportable_policy(accelerator, unet)
@@ -1321,6 +1377,8 @@ def save_and_validate(args, accelerator, unet, frozen):
         return
     if args.train_mode == "lora":
         StableDiffusionPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
+        if args.output_kohya_format:
+            save_kohya_lora(args.output_dir)
         # Validate what users will load: the saved file on a fresh base pipeline.
         final_pipeline = make_pipeline(args, accelerator, **frozen) if args.run_validation else None
         if final_pipeline is not None:

@@ -113,6 +113,8 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"streaming": True, "max_train_steps": None}, "--streaming needs --max_train_steps"),
         ({"streaming": True, "dataloader_num_workers": 2}, "drop --dataloader_num_workers"),
         ({"streaming": True, "max_train_samples": 4}, "bound the run with --max_train_steps"),
+        ({"use_adafactor": True, "use_8bit_adam": True}, "--use_adafactor and --use_8bit_adam"),
+        ({"output_kohya_format": True, "train_mode": "full"}, "--output_kohya_format converts a LoRA"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):

@@ -252,3 +252,27 @@ def test_inpo_loss_beta_scaling_and_sign():
     b, _ = inpo_loss(torch.tensor([0.10]), torch.tensor([0.2]), rw, rl, beta=10.0)
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
     assert inpo_utils.SUPPORTED_PREDICTION_TYPES == ("epsilon", "v_prediction")
+
+
+def test_loss_types_hand_computed():
+    # pair 0: logits = (0.6−0.6) − (0.5−0.7) = 0.2; pair 1: logits = (0.6−0.62) − (0.6−0.6) = −0.02.
+    pw = torch.tensor([0.5, 0.6], requires_grad=True)
+    pl, rw, rl = torch.tensor([0.7, 0.6]), torch.tensor([0.6, 0.6]), torch.tensor([0.6, 0.62])
+    beta = 10.0
+    # sigmoid (the paper, ½·β): inside = 5·logits = 1.0, −0.1.
+    sigmoid, metrics = inpo_loss(pw, pl, rw, rl, beta, loss_type="sigmoid")
+    assert sigmoid.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.1))) / 2, rel=1e-5)
+    assert metrics["implicit_acc"].item() == pytest.approx(0.5)
+    assert metrics["reward_margin"].item() == pytest.approx((1.0 - 0.1) / 2, rel=1e-5)
+    # hinge (diffusers): max(0, 1 − 10·0.2) = 0, max(0, 1 + 10·0.02) = 1.2.
+    hinge, hinge_metrics = inpo_loss(pw, pl, rw, rl, beta, loss_type="hinge")
+    assert hinge.item() == pytest.approx(0.6, rel=1e-5)
+    assert hinge_metrics["implicit_acc"] == metrics["implicit_acc"]
+    hinge.backward()
+    # Only pair 1 is inside the margin: ∂/∂e_θ,w = β / B there, 0 for pair 0.
+    assert pw.grad.tolist() == pytest.approx([0.0, 5.0])
+    # ipo (diffusers, β = beta_dpo): (0.2 − 0.05)² = 0.0225, (−0.02 − 0.05)² = 0.0049.
+    ipo, _ = inpo_loss(pw, pl, rw, rl, beta, loss_type="ipo")
+    assert ipo.item() == pytest.approx((0.0225 + 0.0049) / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="Unknown loss_type 'kto'"):
+        inpo_loss(pw, pl, rw, rl, beta, loss_type="kto")
