@@ -19,12 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 # Characters the tiny BPE vocabulary can spell; any caption made of them tokenizes without <unk>.
 _TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 # 32 px images → 16x16 latents through the 2-level tiny VAE.
-_TINY_UNET = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64), "layers_per_block": 1,
-              "norm_num_groups": 16}
+_TINY_UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+}
 
 DEMO_CAPTIONS = ["a red square", "a blue circle", "a green cat", "a yellow dog", "a white house", "a black tree"]
 
@@ -223,20 +230,35 @@ def main():
     lora_dir = os.path.join(args.output_dir, "inpo-lora")
     here = os.path.dirname(os.path.abspath(__file__))
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
         os.path.join(here, "train_inpo.py"),
-        "--pretrained_model_name_or_path", model_dir,
-        "--dataset_name", data_dir,
-        "--output_dir", lora_dir,
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--max_train_steps", str(args.max_train_steps),
-        "--learning_rate", "1e-3",
-        "--beta_dpo", "500",
-        "--rank", "4",
-        "--seed", "0",
-        "--report_to", "none",
-    ]  # fmt: skip
+        "--pretrained_model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        lora_dir,
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--learning_rate",
+        "1e-3",
+        "--beta_dpo",
+        "500",
+        "--rank",
+        "4",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+    ]
     print("Running:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 

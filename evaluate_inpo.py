@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+
 TUNED_TYPES = ("auto", "lora", "unet", "pipeline")
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 # Linear layers of LAION's improved-aesthetic-predictor MLP; indices 1, 3, 5 are dropouts and it has no activations.
@@ -194,8 +195,16 @@ def aesthetic_head_from_state_dict(state_dict):
         state_dict = {f"layers.0.{k}": v for k, v in state_dict.items()}
     else:
         # Identity where the training layout had dropouts, so the indices (and state_dict keys) line up.
-        modules = [linears[0], torch.nn.Identity(), linears[1], torch.nn.Identity(), linears[2], torch.nn.Identity(),
-                   linears[3], linears[4]]  # fmt: skip
+        modules = [
+            linears[0],
+            torch.nn.Identity(),
+            linears[1],
+            torch.nn.Identity(),
+            linears[2],
+            torch.nn.Identity(),
+            linears[3],
+            linears[4],
+        ]
         head = AestheticHead(torch.nn.Sequential(*modules))
     try:
         head.load_state_dict(state_dict)
@@ -276,12 +285,14 @@ class ClipScorer:
 
         @torch.no_grad()
         def score(prompts, base_paths, tuned_paths):
-            text = self.processor.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_text_length,
-                                            return_tensors="pt")  # fmt: skip
+            text = self.processor.tokenizer(
+                prompts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+            )
             text_embeds = model.text_projection(
-                model.text_model(input_ids=text.input_ids.to(device),
-                                 attention_mask=text.attention_mask.to(device)).pooler_output
-            )  # fmt: skip
+                model.text_model(
+                    input_ids=text.input_ids.to(device), attention_mask=text.attention_mask.to(device)
+                ).pooler_output
+            )
             image_embeds = _clip_image_embeds(model, self.processor.image_processor, base_paths + tuned_paths, device)
             # Base images come first, then tuned ones, so the text embeddings are repeated once.
             scores = self.score_fn(image_embeds, text_embeds.repeat(2, 1), model.logit_scale).float().cpu().numpy()
@@ -309,7 +320,9 @@ class AestheticScorer:
                 f"--aesthetic_head expects {in_features}-d embeddings but {clip_path!r} produces "
                 f"{config.projection_dim}-d ones (LAION's heads need openai/clip-vit-large-patch14)."
             )
-        self.image_processor = _load_or_explain("--aesthetic_clip_model", clip_path, AutoImageProcessor.from_pretrained)
+        self.image_processor = _load_or_explain(
+            "--aesthetic_clip_model", clip_path, AutoImageProcessor.from_pretrained
+        )
 
     def load(self, device):
         from transformers import CLIPModel
@@ -391,11 +404,27 @@ def build_scorers(args):
     if args.pickscore_model is not None:
         processor_flag = "--pickscore_model" if args.pickscore_processor is None else "--pickscore_processor"
         processor = args.pickscore_processor or args.pickscore_model
-        scorers.append(ClipScorer("pickscore", "--pickscore_model", args.pickscore_model, processor_flag, processor,
-                                  pickscore_from_embeddings))  # fmt: skip
+        scorers.append(
+            ClipScorer(
+                "pickscore",
+                "--pickscore_model",
+                args.pickscore_model,
+                processor_flag,
+                processor,
+                pickscore_from_embeddings,
+            )
+        )
     if args.clip_model is not None:
-        scorers.append(ClipScorer("clip_score", "--clip_model", args.clip_model, "--clip_model", args.clip_model,
-                                  lambda image, text, _: clip_score_from_embeddings(image, text)))  # fmt: skip
+        scorers.append(
+            ClipScorer(
+                "clip_score",
+                "--clip_model",
+                args.clip_model,
+                "--clip_model",
+                args.clip_model,
+                lambda image, text, _: clip_score_from_embeddings(image, text),
+            )
+        )
     if args.aesthetic_head is not None:
         scorers.append(AestheticScorer(args.aesthetic_head, args.aesthetic_clip_model))
     if args.hpsv2:
@@ -605,8 +634,9 @@ def format_summary(summary):
     header = f"{'scorer':<12} {'base':<28} {'tuned':<28} {'tuned - base':<28} {'win rate (tuned > base)':<28}"
     lines = [header, "-" * len(header)]
     for name, s in summary.items():
-        lines.append(f"{name:<12} {cell(s['base']):<28} {cell(s['tuned']):<28} {cell(s['delta']):<28} "
-                     f"{cell(s['win_rate']):<28}")  # fmt: skip
+        lines.append(
+            f"{name:<12} {cell(s['base']):<28} {cell(s['tuned']):<28} {cell(s['delta']):<28} {cell(s['win_rate']):<28}"
+        )
     return "\n".join(lines)
 
 
@@ -618,20 +648,33 @@ def format_summary(summary):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models = parser.add_argument_group("models")
-    models.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="Base pipeline (folder or Hub id), e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.")
-    models.add_argument("--tuned_model_name_or_path", required=True,
-                        help="The trained result: a LoRA folder or weight file, a UNet folder, or a full pipeline.")
-    models.add_argument("--tuned_type", choices=TUNED_TYPES, default="auto",
-                        help="How to apply --tuned_model_name_or_path; `auto` inspects a local path (Hub ids need "
-                             "an explicit type).")
-    models.add_argument("--tuned_subfolder", default=None,
-                        help="For a UNet result: the subfolder holding it, e.g. `unet` in a whole-pipeline repo.")
+    models.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="Base pipeline (folder or Hub id), e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.",
+    )
+    models.add_argument(
+        "--tuned_model_name_or_path",
+        required=True,
+        help="The trained result: a LoRA folder or weight file, a UNet folder, or a full pipeline.",
+    )
+    models.add_argument(
+        "--tuned_type",
+        choices=TUNED_TYPES,
+        default="auto",
+        help="How to apply --tuned_model_name_or_path; `auto` inspects a local path (Hub ids need an explicit type).",
+    )
+    models.add_argument(
+        "--tuned_subfolder",
+        default=None,
+        help="For a UNet result: the subfolder holding it, e.g. `unet` in a whole-pipeline repo.",
+    )
 
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("--prompt_file", default=None, help="Text file with one prompt per line.")
-    prompts.add_argument("--prompt_dataset", default=None,
-                         help="Dataset name or folder for datasets.load_dataset (streamed).")
+    prompts.add_argument(
+        "--prompt_dataset", default=None, help="Dataset name or folder for datasets.load_dataset (streamed)."
+    )
     prompts.add_argument("--prompt_split", default="train", help="Split of --prompt_dataset.")
     prompts.add_argument("--prompt_column", default="caption", help="Column of --prompt_dataset holding prompts.")
     prompts.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts.")
@@ -639,34 +682,57 @@ def parse_args(argv=None):
     generation = parser.add_argument_group("generation")
     generation.add_argument("--seed", type=int, default=0, help="Prompt i is generated with seed `seed + i`.")
     generation.add_argument("--num_inference_steps", type=int, default=50)
-    generation.add_argument("--guidance_scale", type=float, default=None,
-                            help="Classifier-free guidance; default: the pipeline's (7.5 SD, 5.0 SDXL).")
-    generation.add_argument("--resolution", type=int, default=None,
-                            help="Square image size; default: the model's native size.")
+    generation.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance; default: the pipeline's (7.5 SD, 5.0 SDXL).",
+    )
+    generation.add_argument(
+        "--resolution", type=int, default=None, help="Square image size; default: the model's native size."
+    )
     generation.add_argument("--batch_size", type=int, default=4, help="Prompts per generation and scoring batch.")
     generation.add_argument("--device", default=None, help="torch device; default: cuda, then mps, then cpu.")
-    generation.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                            help="Pipeline dtype; default: fp16 on CUDA, fp32 elsewhere. Scorers always run in fp32.")
+    generation.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="Pipeline dtype; default: fp16 on CUDA, fp32 elsewhere. Scorers always run in fp32.",
+    )
 
     scoring = parser.add_argument_group("scorers (all optional)")
-    scoring.add_argument("--pickscore_model", default=None,
-                         help="PickScore CLIPModel, e.g. yuvalkirstain/PickScore_v1.")
-    scoring.add_argument("--pickscore_processor", default=None,
-                         help="Processor for PickScore, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: the "
-                              "model's own.")
-    scoring.add_argument("--clip_model", default=None,
-                         help="CLIPModel + processor for CLIP score, e.g. openai/clip-vit-large-patch14.")
-    scoring.add_argument("--aesthetic_head", default=None,
-                         help="Aesthetic head state_dict file (.pth/.pt/.bin/.safetensors): LAION "
-                              "improved-aesthetic-predictor MLP or a single Linear.")
-    scoring.add_argument("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
-                         help="CLIPModel + image processor whose image embeddings feed --aesthetic_head.")
+    scoring.add_argument(
+        "--pickscore_model", default=None, help="PickScore CLIPModel, e.g. yuvalkirstain/PickScore_v1."
+    )
+    scoring.add_argument(
+        "--pickscore_processor",
+        default=None,
+        help="Processor for PickScore, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: the model's own.",
+    )
+    scoring.add_argument(
+        "--clip_model", default=None, help="CLIPModel + processor for CLIP score, e.g. openai/clip-vit-large-patch14."
+    )
+    scoring.add_argument(
+        "--aesthetic_head",
+        default=None,
+        help="Aesthetic head state_dict file (.pth/.pt/.bin/.safetensors): LAION "
+        "improved-aesthetic-predictor MLP or a single Linear.",
+    )
+    scoring.add_argument(
+        "--aesthetic_clip_model",
+        default="openai/clip-vit-large-patch14",
+        help="CLIPModel + image processor whose image embeddings feed --aesthetic_head.",
+    )
     scoring.add_argument("--hpsv2", action="store_true", help="Score with HPSv2 (needs `pip install hpsv2`).")
     scoring.add_argument("--hpsv2_version", choices=("v2.0", "v2.1"), default="v2.1")
-    scoring.add_argument("--hpsv2_checkpoint", default=None,
-                         help="Local HPSv2 checkpoint; default: the package downloads xswu/HPSv2.")
-    scoring.add_argument("--imagereward_model", default=None,
-                         help="ImageReward-v1.0 or a local checkpoint file (needs `pip install image-reward`).")
+    scoring.add_argument(
+        "--hpsv2_checkpoint", default=None, help="Local HPSv2 checkpoint; default: the package downloads xswu/HPSv2."
+    )
+    scoring.add_argument(
+        "--imagereward_model",
+        default=None,
+        help="ImageReward-v1.0 or a local checkpoint file (needs `pip install image-reward`).",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="inpo-eval", help="Where images, grid.png and scores go.")
@@ -676,8 +742,14 @@ def parse_args(argv=None):
     output.add_argument("--grid_cell_size", type=int, default=256, help="Longer side of each image in grid.png.")
     args = parser.parse_args(argv)
 
-    for flag in ("max_prompts", "batch_size", "num_inference_steps", "bootstrap_samples", "grid_max_prompts",
-                 "grid_cell_size"):  # fmt: skip
+    for flag in (
+        "max_prompts",
+        "batch_size",
+        "num_inference_steps",
+        "bootstrap_samples",
+        "grid_max_prompts",
+        "grid_cell_size",
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be >= 1, got {value}")
@@ -735,16 +807,18 @@ def main(argv=None):
     image_dir = os.path.join(args.output_dir, "images")
     pipe = load_pipeline(args.pretrained_model_name_or_path, base_config, device, dtype)
     pipeline_class = type(pipe).__name__
-    base_paths = generate_images(pipe, prompts, seeds, os.path.join(image_dir, "base"), args.batch_size, "base",
-                                 **call_kwargs)  # fmt: skip
+    base_paths = generate_images(
+        pipe, prompts, seeds, os.path.join(image_dir, "base"), args.batch_size, "base", **call_kwargs
+    )
     if tuned.kind == "pipeline":
         del pipe  # before loading the second pipeline, so both never share the accelerator
         free_memory(device)
         pipe = load_pipeline(tuned.path, read_pipeline_config("--tuned_model_name_or_path", tuned.path), device, dtype)
     else:
         swap_in_tuned_weights(pipe, tuned, device, dtype)
-    tuned_paths = generate_images(pipe, prompts, seeds, os.path.join(image_dir, "tuned"), args.batch_size, "tuned",
-                                  **call_kwargs)  # fmt: skip
+    tuned_paths = generate_images(
+        pipe, prompts, seeds, os.path.join(image_dir, "tuned"), args.batch_size, "tuned", **call_kwargs
+    )
     del pipe
     free_memory(device)
 
@@ -759,8 +833,14 @@ def main(argv=None):
         summary[scorer.name] = summarize(*scores[scorer.name], args.bootstrap_samples, args.bootstrap_seed)
         free_memory(device)
 
-    config = dict(vars(args), tuned_type=tuned.kind, pipeline_class=pipeline_class, device=str(device),
-                  dtype=str(dtype).replace("torch.", ""), num_prompts=len(prompts))  # fmt: skip
+    config = dict(
+        vars(args),
+        tuned_type=tuned.kind,
+        pipeline_class=pipeline_class,
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        num_prompts=len(prompts),
+    )
     write_reports(args.output_dir, config, prompts, seeds, base_paths, tuned_paths, scores, summary)
     if summary:
         print(format_summary(summary))

@@ -18,24 +18,44 @@ import subprocess
 import sys
 import time
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-import demo
+import demo  # noqa: E402
+
 
 SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": (320, 640, 1280, 1280),
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
-}  # fmt: skip
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
 SD15_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512,
-}  # fmt: skip
-CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "max_position_embeddings": 77, "projection_dim": 768}  # fmt: skip
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "sample_size": 512,
+}
+CLIP_L_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+}
 
 
 def build_sd15_random(path):
@@ -48,13 +68,19 @@ def build_sd15_random(path):
         return path
     tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"), max_length=77)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1, **CLIP_L_TEXT))  # fmt: skip
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **CLIP_L_TEXT)
+    )
     pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder,
-        tokenizer=tokenizer, scheduler=demo._tiny_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=demo._tiny_scheduler("epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -110,10 +136,30 @@ def main():
     if not os.path.isdir(data_dir):
         demo.build_tiny_pickapic(data_dir, num_pairs=args.pairs, image_size=(resolution, resolution + 16))
 
-    common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir, "--resolution", resolution,
-              "--train_batch_size", args.train_batch_size, "--max_train_steps", steps, "--rank", 8,
-              "--learning_rate", 1e-4, "--seed", 0, "--report_to", "tensorboard", "--checkpointing_steps", 10**6,
-              "--inversion_steps", 10]  # fmt: skip
+    common = [
+        "--pretrained_model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        data_dir,
+        "--resolution",
+        resolution,
+        "--train_batch_size",
+        args.train_batch_size,
+        "--max_train_steps",
+        steps,
+        "--rank",
+        8,
+        "--learning_rate",
+        1e-4,
+        "--seed",
+        0,
+        "--report_to",
+        "tensorboard",
+        "--checkpointing_steps",
+        10**6,
+        "--inversion_steps",
+        10,
+    ]
     cache_dir = os.path.join(work, "cache")
     rows = []
 
@@ -122,20 +168,37 @@ def main():
 
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache_flags = ["--inversion_cache_dir", cache_dir, "--inversion_eta", 0.0]
-    wall, peak = timed_run(common + cache_flags + ["--output_dir", os.path.join(work, "precompute"),
-                                                  "--precompute_inversion_cache"], os.path.join(work, "precompute.log"))  # fmt: skip
+    wall, peak = timed_run(
+        common + cache_flags + ["--output_dir", os.path.join(work, "precompute"), "--precompute_inversion_cache"],
+        os.path.join(work, "precompute.log"),
+    )
     manifest = json.load(open(os.path.join(cache_dir, "manifest.json")))
     precompute = (manifest["num_pairs"] / manifest["seconds_last_run"], manifest["bytes_per_pair"], peak)
     per_pair_dir = cache_dir + "-per-pair"
     shutil.rmtree(per_pair_dir, ignore_errors=True)
-    timed_run(common + ["--inversion_cache_dir", per_pair_dir, "--inversion_eta", 0.0, "--cache_timesteps", "per_pair",
-                        "--output_dir", os.path.join(work, "precompute-pp"), "--precompute_inversion_cache"],
-              os.path.join(work, "precompute-pp.log"))  # fmt: skip
+    timed_run(
+        common
+        + [
+            "--inversion_cache_dir",
+            per_pair_dir,
+            "--inversion_eta",
+            0.0,
+            "--cache_timesteps",
+            "per_pair",
+            "--output_dir",
+            os.path.join(work, "precompute-pp"),
+            "--precompute_inversion_cache",
+        ],
+        os.path.join(work, "precompute-pp.log"),
+    )
     per_pair_bytes = json.load(open(os.path.join(per_pair_dir, "manifest.json")))["bytes_per_pair"]
 
     methods = [
         ("(a) cached InPO (grid timesteps)", cache_flags),
-        ("(b) online InPO, policy inversion, eta 0.1 (paper)", ["--inversion_model", "policy", "--inversion_eta", 0.1]),
+        (
+            "(b) online InPO, policy inversion, eta 0.1 (paper)",
+            ["--inversion_model", "policy", "--inversion_eta", 0.1],
+        ),
         ("(b') online InPO, reference inversion, eta 0", ["--inversion_model", "reference", "--inversion_eta", 0.0]),
         ("(c) Diffusion-DPO (forward noise)", ["--latent_source", "forward"]),
     ]

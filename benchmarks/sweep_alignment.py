@@ -21,9 +21,11 @@ import time
 
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import alignment_world as world
 from benchmarks import run_alignment
+
 
 # (learning rate, β, LoRA rank): the old benchmark default (1e-3, 1000, 8) collapsed InPO, so the grid walks the
 # learning rate down and β up from it, then tries other ranks at the chosen setting (3e-4, 1000).
@@ -36,14 +38,15 @@ COLLAPSE_DROP = 0.15
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help="lr,β,rank triples.")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="Trainings run at once, each on cpu_count / jobs threads: tiny models use one core "
-                             "better than two.")  # fmt: skip
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="Trainings run at once, each on cpu_count / jobs threads: tiny models use one core better than two.",
+    )
     known, rest = parser.parse_known_args(argv)
     # Every other flag (sizes, out_dir, methods, ...) means what it means to run_alignment.py.
-    args = run_alignment.parse_args(
-        ["--max_train_steps", "200", "--eval_every", "100", "--eval_seeds", "3", *rest]
-    )  # fmt: skip
+    args = run_alignment.parse_args(["--max_train_steps", "200", "--eval_every", "100", "--eval_seeds", "3", *rest])
     args.settings = [parse_setting(s) for s in known.settings]
     args.jobs = known.jobs
     return args
@@ -87,11 +90,16 @@ def run_all(args, base_dir, pairs_dir, evaluate):
     """Train every (setting, method), `args.jobs` at a time, and call evaluate(key, run_dir, seconds) as each
     finishes (in this thread: the pipeline is not thread-safe), so results arrive while the rest still train.
     """
-    runs = {(setting, method): os.path.join(args.out_dir, "sweep", setting_name(setting), method)
-            for setting in args.settings for method in args.methods}  # fmt: skip
+    runs = {
+        (setting, method): os.path.join(args.out_dir, "sweep", setting_name(setting), method)
+        for setting in args.settings
+        for method in args.methods
+    }
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(train_once, with_setting(args, key[0]), key[1], base_dir, pairs_dir, run_dir): key
-                   for key, run_dir in runs.items()}  # fmt: skip
+        futures = {
+            pool.submit(train_once, with_setting(args, key[0]), key[1], base_dir, pairs_dir, run_dir): key
+            for key, run_dir in runs.items()
+        }
         for future in concurrent.futures.as_completed(futures):
             key = futures[future]
             evaluate(key, runs[key], future.result())
@@ -123,9 +131,11 @@ def markdown_table(args, base_row, summaries, seconds):
     ]
     for (setting, method), s in summaries.items():
         lr, beta, rank = setting
-        lines.append(f"| {method} | {lr:g} | {beta:g} | {rank} | {s['final_reward']:.4f} | {s['final_win_rate']:.3f} "
-                     f"| {s['final_fidelity']:.3f} | {s['min_fidelity']:.3f} | {'yes' if s['collapsed'] else 'no'} "
-                     f"| {seconds[(setting, method)]:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {method} | {lr:g} | {beta:g} | {rank} | {s['final_reward']:.4f} | {s['final_win_rate']:.3f} "
+            f"| {s['final_fidelity']:.3f} | {s['min_fidelity']:.3f} | {'yes' if s['collapsed'] else 'no'} "
+            f"| {seconds[(setting, method)]:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -151,18 +161,29 @@ def main(argv=None):
     def evaluate(key, run_dir, train_seconds):
         """Score one finished run and rewrite the table, so an interrupted sweep still leaves its results."""
         setting, method = key
-        rows, _ = run_alignment.evaluate_method(pipe, with_setting(args, setting), run_dir, captions, seeds,
-                                                base["rewards"])  # fmt: skip
+        rows, _ = run_alignment.evaluate_method(
+            pipe, with_setting(args, setting), run_dir, captions, seeds, base["rewards"]
+        )
         summaries[key], seconds[key] = summarise(rows, base_row["fidelity"]), train_seconds
         all_rows[f"{setting_name(setting)}/{method}"] = rows
-        order = lambda k: (args.settings.index(k[0]), args.methods.index(k[1]))
+
+        def order(k):
+            return (args.settings.index(k[0]), args.methods.index(k[1]))
+
         ordered = {k: summaries[k] for k in sorted(summaries, key=order)}
         with open(os.path.join(sweep_dir, "sweep_table.md"), "w") as f:
             f.write(markdown_table(args, base_row, ordered, seconds))
         with open(os.path.join(sweep_dir, "sweep_results.json"), "w") as f:
-            json.dump({"args": {**vars(args), "settings": [setting_name(s) for s in args.settings]},
-                       "base": base_row, "rows": all_rows, "seconds_so_far": round(time.time() - start, 1)}, f,
-                      indent=2)  # fmt: skip
+            json.dump(
+                {
+                    "args": {**vars(args), "settings": [setting_name(s) for s in args.settings]},
+                    "base": base_row,
+                    "rows": all_rows,
+                    "seconds_so_far": round(time.time() - start, 1),
+                },
+                f,
+                indent=2,
+            )
 
     run_all(args, base_dir, pairs_dir, evaluate)
     with open(os.path.join(sweep_dir, "sweep_table.md")) as f:
