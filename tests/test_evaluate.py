@@ -5,8 +5,6 @@ model. Everything is built locally; nothing is downloaded."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 import demo  # importable through conftest.py, which also provides the `tiny_sd` pipeline fixture
 import evaluate_inpo
+from conftest import launch
 from evaluate_inpo import (
     TunedModel,
     aesthetic_head_from_state_dict,
@@ -29,10 +28,6 @@ from evaluate_inpo import (
 )
 
 
-# Offline, and one thread: the tiny models' convolutions only lose from threading on a small, shared CPU.
-SUBPROCESS_ENV = dict(
-    os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1"
-)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = demo.DEMO_CAPTIONS[:3]
 CLIP_DIM = 16
@@ -141,10 +136,8 @@ def prompt_file(tmp_path_factory):
 
 
 def run_script(*args):
-    command = [sys.executable, os.path.join(REPO_ROOT, "evaluate_inpo.py"), *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=REPO_ROOT, timeout=300, check=False
-    )
+    """evaluate_inpo.py as from the command line (in this process: see conftest.launch)."""
+    return launch("evaluate_inpo.py", *args, check=False)
 
 
 def base_args(tiny_sd, tuned, prompt_file, output_dir):
