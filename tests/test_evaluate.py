@@ -28,7 +28,6 @@ from evaluate_inpo import (
 )
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = demo.DEMO_CAPTIONS[:3]
 CLIP_DIM = 16
 
