@@ -23,6 +23,8 @@ from diffusers import DDIMInverseScheduler
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 INVERSION_ENDPOINTS = ("grid", "exact")
+LATENT_SOURCES = ("inversion", "forward", "inverted_noise")
+NOISE_X0_PROJECTIONS = ("none", "remove")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,6 +189,67 @@ def implied_noise(x_inv, x0, timesteps, alphas_cumprod):
     return (x_inv - a_t.sqrt() * x0) / (1 - a_t).sqrt()
 
 
+def remove_x0_component(noise, x0):
+    """ε − (⟨ε, x0⟩ / ⟨x0, x0⟩) · x0 per sample, inner products over (C, H, W): the part of ε orthogonal to x0.
+
+    Inverted noise carries the image itself (its border brightness correlates with x0's); regressing on that part
+    teaches the model to predict the preferred content as noise, which sampling then subtracts. Rows with x0 = 0
+    are returned unchanged. Args: noise, x0 (N, C, H, W). Returns (N, C, H, W).
+    """
+    dims = list(range(1, x0.ndim))
+    x0 = x0.to(noise.dtype)
+    norm = (x0 * x0).sum(dim=dims, keepdim=True)
+    coefficient = (noise * x0).sum(dim=dims, keepdim=True) / norm.clamp(min=torch.finfo(noise.dtype).tiny)
+    return noise - coefficient * x0
+
+
+def standardise(noise):
+    """Zero mean and unit std per sample over (C, H, W), so it can stand in for N(0, I) noise at any level.
+
+    Inverted noise is far narrower than forward noise (std ~0.3-0.5 on the benchmark's images). Args: (N, C, H, W).
+    Returns (N, C, H, W).
+    """
+    dims = list(range(1, noise.ndim))
+    centred = noise - noise.mean(dim=dims, keepdim=True)
+    return centred / centred.std(dim=dims, keepdim=True).clamp(min=1e-12)
+
+
+def mix_fresh_noise(noise, fresh, mix):
+    """√(1 − λ) · ε + √λ · ξ: unit variance when ε and ξ are independent with unit variance. λ = `mix` in [0, 1].
+
+    Args: noise, fresh (N, C, H, W). Returns (N, C, H, W).
+    """
+    return math.sqrt(1 - mix) * noise + math.sqrt(mix) * fresh
+
+
+def forward_noised(x0, noise, timesteps, alphas_cumprod):
+    """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε. Args: x0, noise (N, C, H, W); timesteps (N,). Returns (N, C, H, W)."""
+    a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], noise)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+
+def inverted_noise(inversion_unet, x0, encoder_hidden_states, inverse_scheduler, x0_projection="remove", eta=0.0,
+                   added_cond_kwargs=None, generator=None):  # fmt: skip
+    """The noise DDIM inversion assigns to each image: invert x0 to the last grid point τ_K and take its implied
+    noise ε_T; with x0_projection="remove" take out its x0 component (`remove_x0_component`); then `standardise`.
+
+    The reparametrized-DDIM reading of InPO: one noise per image (independent of t, so it can be computed once),
+    used like Diffusion-DPO's ε at any t. Args: x0 (N, C, H, W), encoder_hidden_states (N, L, D). Returns
+    (N, C, H, W) float32.
+    """
+    if x0_projection not in NOISE_X0_PROJECTIONS:
+        raise ValueError(f"x0_projection must be one of {NOISE_X0_PROJECTIONS}, got {x0_projection!r}")
+    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
+    last = torch.full((len(x0),), int(inverse_scheduler.timesteps[-1]), device=x0.device, dtype=torch.long)
+    # "exact" onto the last grid point is the full grid inversion: its final step is the grid step onto τ_K.
+    x_inv = ddim_invert(inversion_unet, x0, last, encoder_hidden_states, inverse_scheduler, eta=eta, endpoint="exact",
+                        generator=generator, added_cond_kwargs=added_cond_kwargs)  # fmt: skip
+    noise = implied_noise(x_inv, x0.float(), last, alphas_cumprod)
+    if x0_projection == "remove":
+        noise = remove_x0_component(noise, x0.float())
+    return standardise(noise)
+
+
 def v_prediction_target(noise, x0, timesteps, alphas_cumprod):
     """v* = √ᾱ_t · ε − √(1 − ᾱ_t) · x0. Args: noise, x0 (N, C, H, W); timesteps (N,). Returns (N, C, H, W)."""
     a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0)
@@ -264,12 +327,25 @@ class AdaptersDisabled:
             self.unet.enable_adapters()
 
 
+def pair_shared_noise(x0, generator=None):
+    """N(0, I) noise for 2B rows laid out winners first, the same draw for both images of a pair (Diffusion-DPO).
+
+    Args: x0 (2B, C, H, W), only for its shape and device. Returns (2B, C, H, W) float32.
+    """
+    half = torch.randn(x0[: len(x0) // 2].shape, generator=generator, device=x0.device)
+    return half.repeat(2, 1, 1, 1)
+
+
 def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states, inverse_scheduler,
-                   alphas_cumprod, eta=0.0, endpoint="grid", added_cond_kwargs=None, generator=None):  # fmt: skip
+                   alphas_cumprod, eta=0.0, endpoint="grid", added_cond_kwargs=None, generator=None,
+                   x0_projection="remove", fresh_noise_mix=0.0):  # fmt: skip
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
     latent_source="inversion" (InPO): DDIM inversion of x0 up to t, target ε* = implied noise.
     latent_source="forward" (Diffusion-DPO): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε with one ε shared by both images of a pair.
+    latent_source="inverted_noise": the same forward formula with each image's own `inverted_noise` ε' (x0 part
+    handled by `x0_projection`), mixed with a share `fresh_noise_mix` of pair-shared fresh noise
+    (`mix_fresh_noise`). `endpoint` does not apply: the inversion always runs to the last grid point.
 
     Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
@@ -278,11 +354,15 @@ def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_
                             endpoint=endpoint, generator=generator, added_cond_kwargs=added_cond_kwargs)  # fmt: skip
         return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
     if latent_source == "forward":
-        half = torch.randn(x0[: len(x0) // 2].shape, generator=generator, device=x0.device)
-        noise = half.repeat(2, 1, 1, 1)
-        a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], noise)
-        return a_t.sqrt() * x0.float() + (1 - a_t).sqrt() * noise, noise
-    raise ValueError(f"latent_source must be 'inversion' or 'forward', got {latent_source!r}")
+        noise = pair_shared_noise(x0, generator)
+        return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
+    if latent_source == "inverted_noise":
+        noise = inverted_noise(inversion_unet, x0, encoder_hidden_states, inverse_scheduler, x0_projection, eta,
+                               added_cond_kwargs, generator)  # fmt: skip
+        if fresh_noise_mix > 0:
+            noise = mix_fresh_noise(noise, pair_shared_noise(x0, generator), fresh_noise_mix)
+        return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
+    raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {latent_source!r}")
 
 
 def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -311,7 +391,7 @@ def score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, 
 
 def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidden_states, inverse_scheduler, beta,
                    latent_source="inversion", eta=0.0, endpoint="grid", added_cond_kwargs=None, timesteps=None,
-                   generator=None):  # fmt: skip
+                   generator=None, x0_projection="remove", fresh_noise_mix=0.0):  # fmt: skip
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
     Args:
@@ -320,6 +400,7 @@ def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidd
         inversion_unet: the UNet that inverts (the policy for the authors' online InPO, or the reference).
         x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
         timesteps: optional (B,) per-pair timesteps; sampled uniformly from {0, ..., T−1} when None.
+        latent_source, eta, endpoint, x0_projection, fresh_noise_mix: as `source_latents`.
     Returns: (loss, metrics) as `score_pairs`.
     """
     num_pairs = len(x0) // 2
@@ -329,7 +410,8 @@ def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidd
                                   generator=generator)  # fmt: skip
     timesteps = timesteps.to(x0.device).long().repeat(2)
     latents, noise = source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states,
-                                    inverse_scheduler, alphas_cumprod, eta, endpoint, added_cond_kwargs, generator)  # fmt: skip
+                                    inverse_scheduler, alphas_cumprod, eta, endpoint, added_cond_kwargs, generator,
+                                    x0_projection, fresh_noise_mix)  # fmt: skip
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
     reference_errors = reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states,
                                            added_cond_kwargs)  # fmt: skip
@@ -660,8 +742,16 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group.add_argument("--inversion_model", choices=("policy", "reference"), default=None,
                        help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
                             "frozen reference (the default and only choice with --inversion_cache_dir).")  # fmt: skip
-    group.add_argument("--latent_source", choices=("inversion", "forward"), default="inversion",
-                       help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).")
+    group.add_argument("--latent_source", choices=LATENT_SOURCES, default="inversion",
+                       help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation). "
+                            "inverted_noise: forward noising with each image's own noise from one DDIM inversion "
+                            "to the last grid point (standardised; see --noise_x0_projection).")  # fmt: skip
+    group.add_argument("--noise_x0_projection", choices=NOISE_X0_PROJECTIONS, default="remove",
+                       help="With --latent_source inverted_noise: remove: take the noise's component along x0 out "
+                            "(the part that reverses the preference); none: keep it.")  # fmt: skip
+    group.add_argument("--fresh_noise_mix", type=float, default=0.0,
+                       help="With --latent_source inverted_noise: λ in [0, 1]; the noise is "
+                            "√(1−λ)·inverted + √λ·fresh (fresh noise shared by a pair, as Diffusion-DPO's).")
     group.add_argument("--train_mode", choices=("lora", "full"), default="lora",
                        help="lora: train LoRA adapters, reference = adapters off. full: train the whole UNet "
                             "against a frozen copy (the paper).")  # fmt: skip
@@ -744,6 +834,10 @@ def validate_training_args(args):
         problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
     if args.inversion_eta < 0:
         problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
+    if not 0 <= args.fresh_noise_mix <= 1:
+        problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
+    if args.fresh_noise_mix > 0 and args.latent_source != "inverted_noise":
+        problems.append("--fresh_noise_mix mixes into the inverted noise; it needs --latent_source inverted_noise.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         problems.append("--proportion_empty_prompts must be in [0, 1].")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -766,7 +860,8 @@ def validate_training_args(args):
         problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
     if args.inversion_cache_dir is not None:
         if args.latent_source != "inversion":
-            problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
+            problems.append(f"--inversion_cache_dir holds inverted latents; it cannot train --latent_source "
+                            f"{args.latent_source}.")  # fmt: skip
         if args.inversion_model == "policy":
             problems.append("The inversion cache is made by the frozen reference; drop --inversion_model policy "
                             "(or train online without --inversion_cache_dir).")  # fmt: skip
@@ -1354,6 +1449,7 @@ class InpoStep:
                 self.unet, self.reference, inversion_unet, x0, encoder_hidden_states, self.inverse_scheduler,
                 self.args.beta_dpo, latent_source=self.args.latent_source, eta=self.args.inversion_eta,
                 endpoint=self.args.inversion_endpoint, added_cond_kwargs=added_cond_kwargs, generator=self.generator,
+                x0_projection=self.args.noise_x0_projection, fresh_noise_mix=self.args.fresh_noise_mix,
             )  # fmt: skip
 
 

@@ -107,6 +107,8 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"streaming": True, "max_train_steps": None}, "--streaming needs --max_train_steps"),
         ({"streaming": True, "dataloader_num_workers": 2}, "drop --dataloader_num_workers"),
         ({"streaming": True, "max_train_samples": 4}, "bound the run with --max_train_steps"),
+        ({"latent_source": "inverted_noise", "fresh_noise_mix": 1.5}, r"--fresh_noise_mix must be in \[0, 1\]"),
+        ({"latent_source": "forward", "fresh_noise_mix": 0.5}, "needs --latent_source inverted_noise"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):
