@@ -859,9 +859,11 @@ def validate_training_args(args):
     if args.precompute_inversion_cache and args.inversion_cache_dir is None:
         problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
     if args.inversion_cache_dir is not None:
-        if args.latent_source != "inversion":
-            problems.append(f"--inversion_cache_dir holds inverted latents; it cannot train --latent_source "
-                            f"{args.latent_source}.")  # fmt: skip
+        if args.latent_source == "forward":
+            problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
+        if args.fresh_noise_mix > 0:
+            problems.append("--fresh_noise_mix draws new noise every step, so the reference errors cannot be cached; "
+                            "train online (without --inversion_cache_dir).")  # fmt: skip
         if args.inversion_model == "policy":
             problems.append("The inversion cache is made by the frozen reference; drop --inversion_model policy "
                             "(or train online without --inversion_cache_dir).")  # fmt: skip
@@ -1582,7 +1584,8 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
         "proportion_empty_prompts": args.proportion_empty_prompts,
         "inversion_steps": args.inversion_steps, "inversion_eta": args.inversion_eta,
         "inversion_endpoint": args.inversion_endpoint, "cache_timesteps": args.cache_timesteps,
-        "cache_dtype": args.cache_dtype,
+        "cache_dtype": args.cache_dtype, "latent_source": args.latent_source,
+        "noise_x0_projection": args.noise_x0_projection,
     }  # fmt: skip
     if is_sdxl:
         fingerprint.update(vae=args.pretrained_vae_model_name_or_path, fixed_time_ids=args.fixed_time_ids)
@@ -1627,7 +1630,8 @@ def grid_inversion_inputs(x0, trajectory, endpoint):
 
 
 def precompute_inversion_cache(args, accelerator, dataset, step, fingerprint, log=print):
-    """Write the cache shard by shard: x0, text conditioning, inverted latents and reference errors.
+    """Write the cache shard by shard: x0, text conditioning, inverted latents (with --latent_source
+    inverted_noise: each image's inverted noise instead) and reference errors.
 
     `step` is the script's InpoStep built on the frozen reference (its encoders give x0 and the conditioning).
     Shard i holds pairs [i·S, (i+1)·S) and is written by process i mod N, to a temporary file then renamed, so an
@@ -1717,8 +1721,25 @@ def _cache_rows(args, step, batch, grid, alphas_cumprod, accelerator):
     def per_pair(tensor):  # (2B, ...) winners first → (B, 2, ...)
         return torch.stack(tensor.chunk(2), dim=1)
 
+    def noised_errors_at(noise, timesteps):
+        latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
+        target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
+        return reference_errors_at(step.reference, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs)
+
     with accelerator.autocast():
-        if args.cache_timesteps == "grid":
+        if args.latent_source == "inverted_noise":  # one noise per image; x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise at any t
+            noise = as_stored(inverted_noise(step.reference, x0, encoder_hidden_states, step.inverse_scheduler,
+                                             args.noise_x0_projection, args.inversion_eta, added_cond_kwargs,
+                                             step.generator))  # fmt: skip
+            if args.cache_timesteps == "grid":
+                errors = torch.stack([noised_errors_at(noise, grid[k].repeat(len(x0))) for k in range(len(grid))], dim=-1)
+                rows = {"noise": per_pair(noise), "reference_errors": per_pair(errors)}
+            else:
+                timesteps = torch.randint(0, step.inverse_scheduler.config.num_train_timesteps, (num_pairs,),
+                                          generator=step.generator, device=x0.device).repeat(2)  # fmt: skip
+                rows = {"noise": per_pair(noise), "reference_errors": per_pair(noised_errors_at(noise, timesteps)),
+                        "timesteps": timesteps[:num_pairs]}  # fmt: skip
+        elif args.cache_timesteps == "grid":
             beyond_grid = torch.full((len(x0),), step.inverse_scheduler.config.num_train_timesteps, device=x0.device)
             _, trajectory = ddim_invert(step.reference, x0, beyond_grid, encoder_hidden_states, step.inverse_scheduler,
                                         eta=args.inversion_eta, generator=step.generator,
@@ -1800,17 +1821,20 @@ class CachedPairs(torch.utils.data.Dataset):
     def __getitem__(self, index):
         shard, row = self.index[index]
         x0 = self._read(shard, "x0", row)
+        # An inverted-noise cache holds one noise per image instead of latents; the step noises x0 with it.
+        source = "noise" if "noise" in self.keys else "latents"
         if self.per_pair_timesteps:
             timestep = self._read(shard, "timesteps", row)
-            latents = self._read(shard, "latents", row)
+            stored = self._read(shard, source, row)
             reference_errors = self._read(shard, "reference_errors", row)
         else:
             k = int(np.random.default_rng((self.seed, self.epoch, index)).integers(len(self.grid)))
             timestep = self.grid[k]
-            trajectory = self._read(shard, "latents", row)  # (2, K, C, H, W)
-            latents = grid_inversion_inputs(x0, trajectory.transpose(0, 1), self.endpoint)[k]
+            stored = self._read(shard, source, row)
+            if source == "latents":  # (2, K, C, H, W): the trajectory
+                stored = grid_inversion_inputs(x0, stored.transpose(0, 1), self.endpoint)[k]
             reference_errors = self._read(shard, "reference_errors", row)[:, k]
-        example = {"x0": x0, "latents": latents, "timestep": timestep, "reference_errors": reference_errors,
+        example = {"x0": x0, source: stored, "timestep": timestep, "reference_errors": reference_errors,
                    "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row)}  # fmt: skip
         for key in self.keys:
             if key.startswith("added_cond."):
@@ -1819,16 +1843,18 @@ class CachedPairs(torch.utils.data.Dataset):
 
 
 def collate_cached(examples):
-    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`)."""
+    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`); "latents" or, from an
+    inverted-noise cache, "noise"."""
 
     def winners_then_losers(key):
         stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
         return torch.cat([stacked[:, 0], stacked[:, 1]])
 
     hidden = torch.stack([example["encoder_hidden_states"] for example in examples])
+    source = "noise" if "noise" in examples[0] else "latents"
     return {
         "x0": winners_then_losers("x0"),
-        "latents": winners_then_losers("latents"),
+        source: winners_then_losers(source),
         "reference_errors": winners_then_losers("reference_errors"),
         "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples]),
         "encoder_hidden_states": torch.cat([hidden, hidden]),
@@ -1850,9 +1876,13 @@ class CachedInpoStep:
     def __call__(self, batch):
         device = self.accelerator.device
         x0 = batch["x0"].to(device, torch.float32)
-        latents = batch["latents"].to(device, torch.float32)
         timesteps = batch["timesteps"].to(device).long().repeat(2)
-        noise = implied_noise(latents, x0, timesteps, self.alphas_cumprod)
+        if "noise" in batch:  # inverted-noise cache
+            noise = batch["noise"].to(device, torch.float32)
+            latents = forward_noised(x0, noise, timesteps, self.alphas_cumprod)
+        else:
+            latents = batch["latents"].to(device, torch.float32)
+            noise = implied_noise(latents, x0, timesteps, self.alphas_cumprod)
         target = regression_target(noise, x0, timesteps, self.alphas_cumprod, self.prediction_type)
         weight_dtype = weight_dtype_of(self.accelerator)
         added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None

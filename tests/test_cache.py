@@ -75,11 +75,16 @@ def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, ca
     assert bytes_per_pair == pytest.approx(sum(os.path.getsize(p) for p in pairs.shards) / 8)
 
 
-@pytest.mark.parametrize("endpoint", ["grid", "exact"])
-def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickapic, tmp_path, endpoint):
+@pytest.mark.parametrize("endpoint, latent_source, cache_timesteps", [
+    ("grid", "inversion", "grid"), ("exact", "inversion", "grid"),
+    ("exact", "inverted_noise", "grid"), ("exact", "inverted_noise", "per_pair"),
+])  # fmt: skip
+def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickapic, tmp_path, endpoint, latent_source,
+                                                                 cache_timesteps):  # fmt: skip
     from peft import LoraConfig
 
-    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), inversion_endpoint=endpoint)
+    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), inversion_endpoint=endpoint,
+                      latent_source=latent_source, cache_timesteps=cache_timesteps)  # fmt: skip
     accelerator, scheduler_config, unet = precompute_in_process(args)
     manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir,
                                               inpo_utils.cache_fingerprint(args, scheduler_config, False))  # fmt: skip
@@ -98,7 +103,7 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickap
                                                             "epsilon")(batch)  # fmt: skip
     online_loss, online_metrics = inpo_utils.inpo_step_loss(
         unet, reference, reference, batch["x0"], batch["encoder_hidden_states"], inverse_scheduler, args.beta_dpo,
-        eta=0.0, endpoint=endpoint, timesteps=batch["timesteps"],
+        latent_source=latent_source, eta=0.0, endpoint=endpoint, timesteps=batch["timesteps"],
     )  # fmt: skip
     assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-4, abs=1e-6)
     for name in ("reference_mse", "policy_mse", "reward_margin"):
@@ -162,5 +167,8 @@ def test_cache_flags_that_contradict_are_refused(tmp_path):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="forward"))
     with pytest.raises(ValueError, match="drop --inversion_model policy"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy"))
+    with pytest.raises(ValueError, match="cannot be cached"):
+        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c",
+                                            latent_source="inverted_noise", fresh_noise_mix=0.5))  # fmt: skip
     with pytest.raises(ValueError, match="needs --inversion_cache_dir"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), precompute_inversion_cache=True))
