@@ -576,16 +576,43 @@ def write_pairs_parquet(folder, captions, images_0, images_1, labels):
 PAIR_SEED_OFFSET = 1_000_000
 
 
+def sample_pair_images(pipe, num_pairs, num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
+                       cache_path=None, fingerprint=""):  # fmt: skip
+    """Two samples per prompt (different seeds), prompts cycling through ALL_CAPTIONS.
+
+    Returns (captions (N,), images_0, images_1 each (N, 32, 32, 3) in [0, 1]). With `cache_path` (an .npz), the
+    samples are stored there and read back while the settings and `fingerprint` (the base model's) match, so pair
+    sets labelled by other rewards, or with flipped labels, share the same images.
+    """
+    settings = json.dumps({"num_pairs": num_pairs, "num_inference_steps": num_inference_steps,
+                           "guidance_scale": guidance_scale, "base": fingerprint}, sort_keys=True)  # fmt: skip
+    captions = [ALL_CAPTIONS[i % len(ALL_CAPTIONS)] for i in range(num_pairs)]
+    if cache_path is not None and os.path.exists(cache_path):
+        stored = np.load(cache_path)
+        if str(stored["settings"]) == settings:
+            return captions, stored["images_0"] / 255.0, stored["images_1"] / 255.0
+    seeds = PAIR_SEED_OFFSET + np.arange(2 * num_pairs)
+    images = sample_images(pipe, captions + captions, seeds, num_inference_steps, guidance_scale)
+    images_0, images_1 = images[:num_pairs], images[num_pairs:]
+    if cache_path is not None:
+        to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
+        np.savez(cache_path, settings=settings, images_0=to_uint8(images_0), images_1=to_uint8(images_1))
+    return captions, images_0, images_1
+
+
 def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
                           num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE, fingerprint="",
-                          log=print):  # fmt: skip
+                          flip_labels=False, image_cache=None, log=print):  # fmt: skip
     """Sample two images per prompt from `pipe` (different seeds), label them by the reward, write parquet.
 
     Prompts cycle through ALL_CAPTIONS. Skipped if `folder` already holds pairs with the same fingerprint (pass
-    the base model's fingerprint so new base models invalidate old pairs). Returns the pair metadata.
+    the base model's fingerprint so new base models invalidate old pairs). `flip_labels` prefers the lower reward
+    (the control: training on it must not raise the reward). `image_cache`: see `sample_pair_images`. Returns the
+    pair metadata.
     """
     settings = {"num_pairs": num_pairs, "reward": reward_name, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION}  # fmt: skip
+                "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION,
+                "flip_labels": flip_labels}  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta = _read_meta(folder)
     if meta is not None and meta.get("fingerprint") == key:
@@ -593,12 +620,12 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
         return meta
 
     start = time.time()
-    captions = [ALL_CAPTIONS[i % len(ALL_CAPTIONS)] for i in range(num_pairs)]
-    seeds = PAIR_SEED_OFFSET + np.arange(2 * num_pairs)
-    images = sample_images(pipe, captions + captions, seeds, num_inference_steps, guidance_scale)
-    images_0, images_1 = images[:num_pairs], images[num_pairs:]
+    captions, images_0, images_1 = sample_pair_images(pipe, num_pairs, num_inference_steps, guidance_scale,
+                                                      image_cache, fingerprint)  # fmt: skip
     rewards_0 = reward_of(reward_name, images_0, captions)
     rewards_1 = reward_of(reward_name, images_1, captions)
+    if flip_labels:
+        rewards_0, rewards_1 = rewards_1, rewards_0
     labels = [_label(r0, r1) for r0, r1 in zip(rewards_0, rewards_1)]
     to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
     write_pairs_parquet(folder, captions, to_uint8(images_0), to_uint8(images_1), labels)
@@ -611,7 +638,7 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
         "reward_std": round(float(np.concatenate([rewards_0, rewards_1]).std()), 4),
         "mean_reward_gap": round(float(gap.mean()), 4),
         "median_reward_gap": round(float(np.median(gap)), 4),
-        "fidelity": fidelity(images, captions + captions),
+        "fidelity": fidelity(np.concatenate([images_0, images_1]), captions + captions),
     }
     _write_meta(folder, meta)
     log(f"Wrote {num_pairs} preference pairs to {folder}: {json.dumps(meta)}")
