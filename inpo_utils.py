@@ -1384,7 +1384,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}) |
+| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}{f'; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}' if args.latent_source == 'inverted_noise' else ''}) |
 | train mode | {args.train_mode}{f', rank {args.rank}' if args.train_mode == 'lora' else ''} |
 | resolution | {args.resolution} |
 
