@@ -2,7 +2,7 @@
 
     python benchmarks/summarize_alignment.py [--out_dir benchmarks/out]
 
-Reads alignment_<reward>[_flipped]_seed<seed>_results.json. For each (method, reward, seed) trained on the true
+Reads alignment_<reward>[_flipped]_seed<seed>[_<tag>]_results.json (files that differ only in the tag are merged). For each (method, reward, seed) trained on the true
 labels: the reward gain over the base model at every evaluated step, the gain of the same method and seed trained
 on the flipped labels (the control: it must not be positive for an aligning method), fidelity and background
 roughness (image quality, lower is cleaner) at the last step against the base model's, and the training wall time
@@ -19,17 +19,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.run_alignment import REPO_ROOT
 
-NAME = re.compile(r"alignment_(?P<reward>.+?)(?P<flipped>_flipped)?_seed(?P<seed>\d+)_results\.json")
+# An optional tag after the seed (e.g. the method) keeps separate invocations on one reward and seed apart.
+NAME = re.compile(r"alignment_(?P<reward>.+?)(?P<flipped>_flipped)?_seed(?P<seed>\d+)(_\w+?)?_results\.json")
 
 
 def load(out_dir):
-    """{(reward, flipped, seed): results.json contents}."""
+    """{(reward, flipped, seed): results.json contents, the methods of every file with that key merged}."""
     found = {}
-    for path in glob.glob(os.path.join(out_dir, "alignment_*_results.json")):
+    for path in sorted(glob.glob(os.path.join(out_dir, "alignment_*_results.json"))):
         match = NAME.fullmatch(os.path.basename(path))
         if match:
             with open(path) as f:
-                found[(match["reward"], bool(match["flipped"]), int(match["seed"]))] = json.load(f)
+                run = json.load(f)
+            key = (match["reward"], bool(match["flipped"]), int(match["seed"]))
+            if key in found:  # the base model's row is the same in both: same model, prompts and seeds
+                found[key]["results"].update(run["results"])
+            else:
+                found[key] = run
     return found
 
 
@@ -53,7 +59,7 @@ def rows_of(found):
                 "control_gain": control["rows"][-1]["mean_reward"] - control_base["mean_reward"] if control else None,
                 "fidelity": last["fidelity"], "base_fidelity": base["fidelity"],
                 "quality": last["quality"], "base_quality": base["quality"],
-                "seconds_per_step": result["train_seconds"] / run["args"]["max_train_steps"],
+                "seconds_per_step": result["train_seconds"] / max(gains),
             })  # fmt: skip
     return rows
 
