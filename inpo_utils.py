@@ -734,18 +734,21 @@ def add_training_args(parser, default_beta, default_resolution, default_output_d
     group = parser.add_argument_group("InPO")
     group.add_argument("--beta_dpo", type=float, default=default_beta, help="β of the InPO/DPO loss.")
     group.add_argument("--inversion_steps", type=int, default=10, help="K: points of the DDIM inversion grid.")
-    group.add_argument("--inversion_eta", type=float, default=0.1,
-                       help="Std multiplier of the noise added after each inverse step (authors: 0.1; 0 = pure "
-                            "DDIM inversion).")  # fmt: skip
+    group.add_argument("--inversion_eta", type=float, default=None,
+                       help="Std multiplier of the noise added after each inverse step; 0 = pure DDIM inversion. "
+                            "Default: 0 with --latent_source inverted_noise (one fixed noise per image, as "
+                            "measured), 0.1 with inversion (the authors).")  # fmt: skip
     group.add_argument("--inversion_endpoint", choices=INVERSION_ENDPOINTS, default="grid",
                        help="grid: stop at the last grid point below t (the paper); exact: finish on t.")  # fmt: skip
     group.add_argument("--inversion_model", choices=("policy", "reference"), default=None,
-                       help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
-                            "frozen reference (the default and only choice with --inversion_cache_dir).")  # fmt: skip
-    group.add_argument("--latent_source", choices=LATENT_SOURCES, default="inversion",
-                       help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation). "
-                            "inverted_noise: forward noising with each image's own noise from one DDIM inversion "
-                            "to the last grid point (standardised; see --noise_x0_projection).")  # fmt: skip
+                       help="Which UNet inverts: the one being trained (the paper, online; the default with "
+                            "--latent_source inversion) or the frozen reference (the default with inverted_noise, "
+                            "and the only choice with --inversion_cache_dir).")  # fmt: skip
+    group.add_argument("--latent_source", choices=LATENT_SOURCES, default="inverted_noise",
+                       help="inverted_noise (default, chosen on the alignment benchmark): forward noising with each "
+                            "image's own noise from one DDIM inversion to the last grid point (standardised; see "
+                            "--noise_x0_projection). inversion: the paper's InPO, DDIM inversion up to t. forward: "
+                            "Diffusion-DPO's forward noising, same loss (ablation).")  # fmt: skip
     group.add_argument("--noise_x0_projection", choices=NOISE_X0_PROJECTIONS, default="remove",
                        help="With --latent_source inverted_noise: remove: take the noise's component along x0 out "
                             "(the part that reverses the preference); none: keep it.")  # fmt: skip
@@ -832,7 +835,7 @@ def validate_training_args(args):
         problems.append(f"--beta_dpo must be positive, got {args.beta_dpo}.")
     if not 1 <= args.inversion_steps <= 1000:
         problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
-    if args.inversion_eta < 0:
+    if args.inversion_eta is not None and args.inversion_eta < 0:
         problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
     if not 0 <= args.fresh_noise_mix <= 1:
         problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
@@ -885,8 +888,13 @@ def validate_training_args(args):
             problems.append("--shuffle_buffer_size must be at least 1.")
     if problems:
         raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
+    # Defaults that depend on the latent source: inverted noise is one fixed noise per image from the frozen
+    # reference (what the benchmark measured, and what a cache stores); the paper's inversion is online by the policy.
+    fixed_noise = args.latent_source == "inverted_noise" or args.inversion_cache_dir is not None
     if args.inversion_model is None:
-        args.inversion_model = "reference" if args.inversion_cache_dir is not None else "policy"
+        args.inversion_model = "reference" if fixed_noise else "policy"
+    if args.inversion_eta is None:
+        args.inversion_eta = 0.0 if args.latent_source == "inverted_noise" else 0.1
 
 
 def check_sharding(args, accelerator):

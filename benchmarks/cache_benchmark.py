@@ -113,7 +113,7 @@ def main():
     common = ["--pretrained_model_name_or_path", model_dir, "--dataset_name", data_dir, "--resolution", resolution,
               "--train_batch_size", args.train_batch_size, "--max_train_steps", steps, "--rank", 8,
               "--learning_rate", 1e-4, "--seed", 0, "--report_to", "tensorboard", "--checkpointing_steps", 10**6,
-              "--inversion_steps", 10]  # fmt: skip
+              "--inversion_steps", 10, "--latent_source", "inversion"]  # fmt: skip
     cache_dir = os.path.join(work, "cache")
     rows = []
 

@@ -13,7 +13,8 @@ import train_inpo
 
 
 def cache_args(model, data, cache_dir, **overrides):
-    flags = {"inversion_eta": 0.0, "inversion_cache_dir": cache_dir, "cache_shard_size": 3, "cache_dtype": "fp32"}
+    flags = {"latent_source": "inversion", "inversion_eta": 0.0, "inversion_cache_dir": cache_dir, "cache_shard_size": 3,
+             "cache_dtype": "fp32"}  # fmt: skip
     flags.update(overrides)
     return train_inpo.parse_args(tiny_run_args(model, data, os.path.join(cache_dir, "out"), **flags))
 

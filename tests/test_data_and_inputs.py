@@ -132,3 +132,11 @@ def test_sdxl_checkpoint_given_to_sd_script_fails_before_training(tiny_sdxl, pic
 def test_not_a_pipeline_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         inpo_utils.check_model_family(str(tmp_path), None, None, want_sdxl=False)
+
+
+def test_inversion_defaults_follow_the_latent_source(tmp_path):
+    default = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path)))
+    assert (default.latent_source, default.noise_x0_projection, default.fresh_noise_mix) == ("inverted_noise", "remove", 0)
+    assert (default.inversion_model, default.inversion_eta) == ("reference", 0.0)  # one fixed noise per image
+    paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
+    assert (paper.inversion_model, paper.inversion_eta, paper.inversion_endpoint) == ("policy", 0.1, "grid")
