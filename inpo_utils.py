@@ -9,6 +9,7 @@ rows [B, 2B) the rejected ones, and row i and row B + i share their caption and 
 
 import functools
 import json
+import math
 import os
 
 import numpy as np
@@ -19,6 +20,8 @@ from diffusers import DDIMInverseScheduler
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 INVERSION_ENDPOINTS = ("grid", "exact")
+LATENT_SOURCES = ("inversion", "forward", "inverted_noise")
+NOISE_X0_PROJECTIONS = ("none", "remove")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -196,6 +199,84 @@ def implied_noise(x_inv, x0, timesteps, alphas_cumprod):
     return (x_inv - a_t.sqrt() * x0) / (1 - a_t).sqrt()
 
 
+def remove_x0_component(noise, x0):
+    """ε − (⟨ε, x0⟩ / ⟨x0, x0⟩) · x0 per sample, inner products over (C, H, W): the part of ε orthogonal to x0.
+
+    Inverted noise carries the image itself (its border brightness correlates with x0's); regressing on that part
+    teaches the model to predict the preferred content as noise, which sampling then subtracts. Rows with x0 = 0
+    are returned unchanged. Args: noise, x0 (N, C, H, W). Returns (N, C, H, W).
+    """
+    dims = list(range(1, x0.ndim))
+    x0 = x0.to(noise.dtype)
+    norm = (x0 * x0).sum(dim=dims, keepdim=True)
+    coefficient = (noise * x0).sum(dim=dims, keepdim=True) / norm.clamp(min=torch.finfo(noise.dtype).tiny)
+    return noise - coefficient * x0
+
+
+def standardise(noise):
+    """Zero mean and unit std per sample over (C, H, W), so it can stand in for N(0, I) noise at any level.
+
+    Inverted noise is far narrower than forward noise (std ~0.3-0.5 on the benchmark's images). Args: (N, C, H, W).
+    Returns (N, C, H, W).
+    """
+    dims = list(range(1, noise.ndim))
+    centred = noise - noise.mean(dim=dims, keepdim=True)
+    return centred / centred.std(dim=dims, keepdim=True).clamp(min=1e-12)
+
+
+def mix_fresh_noise(noise, fresh, mix):
+    """√(1 − λ) · ε + √λ · ξ: unit variance when ε and ξ are independent with unit variance. λ = `mix` in [0, 1].
+
+    Args: noise, fresh (N, C, H, W). Returns (N, C, H, W).
+    """
+    return math.sqrt(1 - mix) * noise + math.sqrt(mix) * fresh
+
+
+def forward_noised(x0, noise, timesteps, alphas_cumprod):
+    """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε. Args: x0, noise (N, C, H, W); timesteps (N,). Returns (N, C, H, W)."""
+    a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], noise)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+
+def inverted_noise(
+    inversion_unet,
+    x0,
+    encoder_hidden_states,
+    inverse_scheduler,
+    x0_projection="remove",
+    eta=0.0,
+    added_cond_kwargs=None,
+    generator=None,
+):
+    """The noise DDIM inversion assigns to each image: invert x0 to the last grid point τ_K and take its implied
+    noise ε_T; with x0_projection="remove" take out its x0 component (`remove_x0_component`); then `standardise`.
+
+    The reparametrized-DDIM reading of InPO: one noise per image (independent of t, so it can be computed once),
+    used like Diffusion-DPO's ε at any t. Args: x0 (N, C, H, W), encoder_hidden_states (N, L, D). Returns
+    (N, C, H, W) float32.
+    """
+    if x0_projection not in NOISE_X0_PROJECTIONS:
+        raise ValueError(f"x0_projection must be one of {NOISE_X0_PROJECTIONS}, got {x0_projection!r}")
+    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
+    last = torch.full((len(x0),), int(inverse_scheduler.timesteps[-1]), device=x0.device, dtype=torch.long)
+    # "exact" onto the last grid point is the full grid inversion: its final step is the grid step onto τ_K.
+    x_inv = ddim_invert(
+        inversion_unet,
+        x0,
+        last,
+        encoder_hidden_states,
+        inverse_scheduler,
+        eta=eta,
+        endpoint="exact",
+        generator=generator,
+        added_cond_kwargs=added_cond_kwargs,
+    )
+    noise = implied_noise(x_inv, x0.float(), last, alphas_cumprod)
+    if x0_projection == "remove":
+        noise = remove_x0_component(noise, x0.float())
+    return standardise(noise)
+
+
 def v_prediction_target(noise, x0, timesteps, alphas_cumprod):
     """v* = √ᾱ_t · ε − √(1 − ᾱ_t) · x0. Args: noise, x0 (N, C, H, W); timesteps (N,). Returns (N, C, H, W)."""
     a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0)
@@ -286,6 +367,15 @@ class AdaptersDisabled:
             self.unet.enable_adapters()
 
 
+def pair_shared_noise(x0, generator=None):
+    """N(0, I) noise for 2B rows laid out winners first, the same draw for both images of a pair (Diffusion-DPO).
+
+    Args: x0 (2B, C, H, W), only for its shape and device. Returns (2B, C, H, W) float32.
+    """
+    half = torch.randn(x0[: len(x0) // 2].shape, generator=generator, device=x0.device)
+    return half.repeat(2, 1, 1, 1)
+
+
 def source_latents(
     x0,
     timesteps,
@@ -298,11 +388,16 @@ def source_latents(
     endpoint="grid",
     added_cond_kwargs=None,
     generator=None,
+    x0_projection="remove",
+    fresh_noise_mix=0.0,
 ):
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
     latent_source="inversion" (InPO): DDIM inversion of x0 up to t, target ε* = implied noise.
     latent_source="forward" (Diffusion-DPO): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε with one ε shared by both images of a pair.
+    latent_source="inverted_noise": the same forward formula with each image's own `inverted_noise` ε' (x0 part
+    handled by `x0_projection`), mixed with a share `fresh_noise_mix` of pair-shared fresh noise
+    (`mix_fresh_noise`). `endpoint` does not apply: the inversion always runs to the last grid point.
 
     Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
@@ -320,11 +415,23 @@ def source_latents(
         )
         return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
     if latent_source == "forward":
-        half = torch.randn(x0[: len(x0) // 2].shape, generator=generator, device=x0.device)
-        noise = half.repeat(2, 1, 1, 1)
-        a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], noise)
-        return a_t.sqrt() * x0.float() + (1 - a_t).sqrt() * noise, noise
-    raise ValueError(f"latent_source must be 'inversion' or 'forward', got {latent_source!r}")
+        noise = pair_shared_noise(x0, generator)
+        return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
+    if latent_source == "inverted_noise":
+        noise = inverted_noise(
+            inversion_unet,
+            x0,
+            encoder_hidden_states,
+            inverse_scheduler,
+            x0_projection,
+            eta,
+            added_cond_kwargs,
+            generator,
+        )
+        if fresh_noise_mix > 0:
+            noise = mix_fresh_noise(noise, pair_shared_noise(x0, generator), fresh_noise_mix)
+        return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
+    raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {latent_source!r}")
 
 
 def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -378,6 +485,8 @@ def inpo_step_loss(
     timesteps=None,
     generator=None,
     loss_type="sigmoid",
+    x0_projection="remove",
+    fresh_noise_mix=0.0,
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
@@ -387,6 +496,7 @@ def inpo_step_loss(
         inversion_unet: the UNet that inverts (the policy for the authors' online InPO, or the reference).
         x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
         timesteps: optional (B,) per-pair timesteps; sampled uniformly from {0, ..., T−1} when None.
+        latent_source, eta, endpoint, x0_projection, fresh_noise_mix: as `source_latents`.
     Returns: (loss, metrics) as `score_pairs`.
     """
     num_pairs = len(x0) // 2
@@ -408,6 +518,8 @@ def inpo_step_loss(
         endpoint,
         added_cond_kwargs,
         generator,
+        x0_projection,
+        fresh_noise_mix,
     )
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
     reference_errors = reference_errors_at(
@@ -457,6 +569,8 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
         "inversion_endpoint": args.inversion_endpoint,
         "cache_timesteps": args.cache_timesteps,
         "cache_dtype": args.cache_dtype,
+        "latent_source": args.latent_source,
+        "noise_x0_projection": args.noise_x0_projection,
     }
     if is_sdxl:
         fingerprint.update(vae=args.pretrained_vae_model_name_or_path, fixed_time_ids=args.fixed_time_ids)
@@ -539,15 +653,20 @@ def cache_rows(
     endpoint="grid",
     added_cond_kwargs=None,
     generator=None,
+    latent_source="inversion",
+    x0_projection="remove",
 ):
     """Cache entries for one batch of B pairs, in per-pair layout (B, 2, ...) with the winner at index 0.
 
     x0, the conditioning and the inverted latents are rounded to `cache_dtype` before the reference's errors are
     computed on them, so e_ref is computed on exactly what training reads back. cache_timesteps="grid" stores the
-    whole inversion trajectory and e_ref at every grid point; "per_pair" one latent at a uniformly drawn t.
+    whole inversion trajectory and e_ref at every grid point; "per_pair" one latent at a uniformly drawn t. With
+    latent_source="inverted_noise" each image's `inverted_noise` is stored instead of latents ("noise"): training
+    forward-noises x0 with it at any t, and e_ref is stored at the grid points or the drawn t.
 
     Args: x0 (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); added_cond_kwargs (2B, ...) tensors.
-    Returns: dict of tensors (x0, latents, reference_errors, encoder_hidden_states, [timesteps], added_cond.*).
+    Returns: dict of tensors (x0, latents or noise, reference_errors, encoder_hidden_states, [timesteps],
+    added_cond.*).
     """
 
     def as_stored(tensor):
@@ -569,6 +688,9 @@ def cache_rows(
             reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
         )
 
+    def noised_errors_at(noise, timesteps):
+        return errors_at(forward_noised(x0, noise, timesteps, alphas_cumprod), timesteps)
+
     def per_pair(tensor):  # (2B, ...) winners first → (B, 2, ...)
         return torch.stack(tensor.chunk(2), dim=1)
 
@@ -582,7 +704,31 @@ def cache_rows(
         generator=generator,
         added_cond_kwargs=added_cond_kwargs,
     )
-    if cache_timesteps == "grid":
+    if latent_source == "inverted_noise":  # one noise per image; x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise at any t
+        noise = inverted_noise(
+            reference_unet,
+            x0,
+            encoder_hidden_states,
+            inverse_scheduler,
+            x0_projection,
+            eta,
+            added_cond_kwargs,
+            generator,
+        )
+        noise = as_stored(noise)
+        if cache_timesteps == "grid":
+            errors = [noised_errors_at(noise, grid[k].repeat(len(x0))) for k in range(len(grid))]
+            rows = {"noise": per_pair(noise), "reference_errors": per_pair(torch.stack(errors, dim=-1))}
+        else:
+            timesteps = torch.randint(
+                0, config.num_train_timesteps, (num_pairs,), generator=generator, device=x0.device
+            ).repeat(2)
+            rows = {
+                "noise": per_pair(noise),
+                "reference_errors": per_pair(noised_errors_at(noise, timesteps)),
+                "timesteps": timesteps[:num_pairs],
+            }
+    elif cache_timesteps == "grid":
         beyond_grid = torch.full((len(x0),), config.num_train_timesteps, device=x0.device)
         _, trajectory = invert(beyond_grid, return_trajectory=True)
         trajectory = as_stored(trajectory)
@@ -689,19 +835,22 @@ class CachedPairs(torch.utils.data.Dataset):
     def __getitem__(self, index):
         shard, row = self.index[index]
         x0 = self._read(shard, "x0", row)
+        # An inverted-noise cache holds one noise per image instead of latents; the step noises x0 with it.
+        source = "noise" if "noise" in self.keys else "latents"
         if self.per_pair_timesteps:
             timestep = self._read(shard, "timesteps", row)
-            latents = self._read(shard, "latents", row)
+            stored = self._read(shard, source, row)
             reference_errors = self._read(shard, "reference_errors", row)
         else:
             k = int(np.random.default_rng((self.seed, self.epoch, index)).integers(len(self.grid)))
             timestep = self.grid[k]
-            trajectory = self._read(shard, "latents", row)  # (2, K, C, H, W)
-            latents = grid_inversion_inputs(x0, trajectory.transpose(0, 1), self.endpoint)[k]
+            stored = self._read(shard, source, row)
+            if source == "latents":  # (2, K, C, H, W): the trajectory
+                stored = grid_inversion_inputs(x0, stored.transpose(0, 1), self.endpoint)[k]
             reference_errors = self._read(shard, "reference_errors", row)[:, k]
         example = {
             "x0": x0,
-            "latents": latents,
+            source: stored,
             "timestep": timestep,
             "reference_errors": reference_errors,
             "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row),
@@ -713,16 +862,18 @@ class CachedPairs(torch.utils.data.Dataset):
 
 
 def collate_cached(examples):
-    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`)."""
+    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`); "latents" or, from an
+    inverted-noise cache, "noise"."""
 
     def winners_then_losers(key):
         stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
         return torch.cat([stacked[:, 0], stacked[:, 1]])
 
     hidden = torch.stack([example["encoder_hidden_states"] for example in examples])
+    source = "noise" if "noise" in examples[0] else "latents"
     return {
         "x0": winners_then_losers("x0"),
-        "latents": winners_then_losers("latents"),
+        source: winners_then_losers(source),
         "reference_errors": winners_then_losers("reference_errors"),
         "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples]),
         "encoder_hidden_states": torch.cat([hidden, hidden]),
@@ -745,15 +896,20 @@ def cached_step_loss(
     beta,
     added_cond_kwargs=None,
     loss_type="sigmoid",
+    noise=None,
 ):
     """InPO loss and metrics for B pairs read from the cache: one policy forward, nothing else.
 
-    Args: x0, latents (2B, C, H, W) winners first; timesteps (B,) per pair; encoder_hidden_states (2B, L, D);
-    reference_errors (2B,) the stored e_ref. Returns (loss, metrics) as `score_pairs`.
+    Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
+    inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
+    stored e_ref. Returns (loss, metrics) as `score_pairs`.
     """
     timesteps = timesteps.to(x0.device).long().repeat(2)
     alphas_cumprod = alphas_cumprod.to(x0.device)
-    noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
+    if noise is None:
+        noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
+    else:
+        latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
     target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
     return score_pairs(
         policy_unet,

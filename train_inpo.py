@@ -145,8 +145,9 @@ def add_inpo_args(parser, default_beta):
     group.add_argument(
         "--inversion_eta",
         type=float,
-        default=0.1,
-        help="Std multiplier of the noise added after each inverse step (authors: 0.1; 0 = pure DDIM inversion).",
+        default=None,
+        help="Std multiplier of the noise added after each inverse step; 0 = pure DDIM inversion. Default: 0 with "
+        "--latent_source inverted_noise (one fixed noise per image, as measured), 0.1 with inversion (the authors).",
     )
     group.add_argument(
         "--inversion_endpoint",
@@ -158,14 +159,31 @@ def add_inpo_args(parser, default_beta):
         "--inversion_model",
         choices=("policy", "reference"),
         default=None,
-        help="Which UNet inverts: the one being trained (the paper, online; the default) or the "
-        "frozen reference (the default and only choice with --inversion_cache_dir).",
+        help="Which UNet inverts: the one being trained (the paper, online; the default with --latent_source "
+        "inversion) or the frozen reference (the default with inverted_noise, and the only choice with "
+        "--inversion_cache_dir).",
     )
     group.add_argument(
         "--latent_source",
-        choices=("inversion", "forward"),
-        default="inversion",
-        help="inversion: InPO. forward: Diffusion-DPO's forward noising, same loss (ablation).",
+        choices=inpo_utils.LATENT_SOURCES,
+        default="inverted_noise",
+        help="inverted_noise (default, chosen on the alignment benchmark): forward noising with each image's own "
+        "noise from one DDIM inversion to the last grid point (standardised; see --noise_x0_projection). "
+        "inversion: the paper's InPO, DDIM inversion up to t. forward: Diffusion-DPO's forward noising, same loss.",
+    )
+    group.add_argument(
+        "--noise_x0_projection",
+        choices=inpo_utils.NOISE_X0_PROJECTIONS,
+        default="remove",
+        help="With --latent_source inverted_noise: remove: take the noise's component along x0 out (the part that "
+        "reverses the preference); none: keep it.",
+    )
+    group.add_argument(
+        "--fresh_noise_mix",
+        type=float,
+        default=0.0,
+        help="With --latent_source inverted_noise: λ in [0, 1]; the noise is √(1−λ)·inverted + √λ·fresh (fresh "
+        "noise shared by a pair, as Diffusion-DPO's).",
     )
     group.add_argument(
         "--loss_type",
@@ -325,8 +343,12 @@ def validate_args(args):
         problems.append("--output_kohya_format converts a LoRA: it needs --train_mode lora.")
     if not 1 <= args.inversion_steps <= 1000:
         problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
-    if args.inversion_eta < 0:
+    if args.inversion_eta is not None and args.inversion_eta < 0:
         problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
+    if not 0 <= args.fresh_noise_mix <= 1:
+        problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
+    if args.fresh_noise_mix > 0 and args.latent_source != "inverted_noise":
+        problems.append("--fresh_noise_mix mixes into the inverted noise; it needs --latent_source inverted_noise.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         problems.append("--proportion_empty_prompts must be in [0, 1].")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -352,8 +374,13 @@ def validate_args(args):
     if args.precompute_inversion_cache and args.inversion_cache_dir is None:
         problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
     if args.inversion_cache_dir is not None:
-        if args.latent_source != "inversion":
+        if args.latent_source == "forward":
             problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
+        if args.fresh_noise_mix > 0:
+            problems.append(
+                "--fresh_noise_mix draws new noise every step, so the reference errors cannot be cached; "
+                "train online (without --inversion_cache_dir)."
+            )
         if args.inversion_model == "policy":
             problems.append(
                 "The inversion cache is made by the frozen reference; drop --inversion_model policy "
@@ -380,8 +407,13 @@ def validate_args(args):
             problems.append("--shuffle_buffer_size must be at least 1.")
     if problems:
         raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
+    # Defaults that depend on the latent source: inverted noise is one fixed noise per image from the frozen
+    # reference (what the benchmark measured, and what a cache stores); the paper's inversion is online by the policy.
+    fixed_noise = args.latent_source == "inverted_noise" or args.inversion_cache_dir is not None
     if args.inversion_model is None:
-        args.inversion_model = "reference" if args.inversion_cache_dir is not None else "policy"
+        args.inversion_model = "reference" if fixed_noise else "policy"
+    if args.inversion_eta is None:
+        args.inversion_eta = 0.0 if args.latent_source == "inverted_noise" else 0.1
 
 
 def check_sharding(args, accelerator):
@@ -1077,18 +1109,22 @@ def compute_loss(
             added_cond_kwargs=added_cond_kwargs,
             generator=generator,
             loss_type=args.loss_type,
+            x0_projection=args.noise_x0_projection,
+            fresh_noise_mix=args.fresh_noise_mix,
         )
 
 
 def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
-    """InPO from the inversion cache: one policy forward on the stored latents against the stored e_ref."""
+    """InPO from the inversion cache: one policy forward on the stored latents (or on x0 noised with the stored
+    inverted noise) against the stored e_ref."""
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
+    stored = {name: batch[name].to(device, torch.float32) for name in ("latents", "noise") if name in batch}
     with accelerator.autocast():
         return inpo_utils.cached_step_loss(
             unet,
             batch["x0"].to(device, torch.float32),
-            batch["latents"].to(device, torch.float32),
+            stored.get("latents"),
             batch["timesteps"].to(device),
             batch["encoder_hidden_states"].to(device, weight_dtype),
             batch["reference_errors"].to(device),
@@ -1097,6 +1133,7 @@ def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
             args.beta_dpo,
             added,
             loss_type=args.loss_type,
+            noise=stored.get("noise"),
         )
 
 
@@ -1324,7 +1361,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}) |
+| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}{f"; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}) |
 | train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
 | resolution | {args.resolution} |
 
@@ -1460,6 +1497,8 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
                     endpoint=args.inversion_endpoint,
                     added_cond_kwargs=added_cond_kwargs,
                     generator=generator,
+                    latent_source=args.latent_source,
+                    x0_projection=args.noise_x0_projection,
                 )
             rows["pair_index"] = torch.tensor([i for i, _ in kept])
             for name, value in rows.items():

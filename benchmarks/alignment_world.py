@@ -7,8 +7,10 @@ colour classifier checks that it still draws what the caption asks for.
 
 The pieces, in the order a benchmark uses them:
     render / render_dataset        the world's ground-truth images and captions
-    REWARDS, reward_of             the preference, defined in one registry (name -> fn(images, captions))
+    REWARDS, reward_of             the preference, defined in one registry (name -> fn(images, captions)): a
+                                   low-frequency one (background_brightness) and one in detail (edge_sharpness)
     predict_colour, fidelity       does an image still follow its caption
+    background_roughness, quality  texture in the flat background, an artefact (image-quality check)
     build_base_model               a tiny StableDiffusionPipeline pretrained on the world, cached by fingerprint
     sample_images                  deterministic samples (one seed per image) from any pipeline
     make_preference_pairs          Pick-a-Pic-v2-format parquet of base-model sample pairs labelled by the reward
@@ -29,9 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 # demo.py (repository root) holds the tiny tokenizer and the PNG encoder the rest of the project uses.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from demo import encode_png, write_tiny_clip_tokenizer
+
 
 # Bump when rendering, reward or training code changes, so cached models and pair datasets are rebuilt.
 WORLD_VERSION = "1"
@@ -158,10 +162,44 @@ def centredness(images, captions):
     return np.where(count >= MIN_FOREGROUND_PIXELS, 1 - distance / half_diagonal, 0.0)
 
 
+def _neighbours_all(mask):
+    """(N, H, W) bool: True where the pixel and its 4 neighbours are all True (pixels off the image count False)."""
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=False)
+    return (mask & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:])
+
+
+# A pixel is "in transition" when its position between the background and the shape colour is in this range.
+EDGE_TRANSITION = (0.2, 0.8)
+
+
+def edge_sharpness(images, captions):
+    """1 / (1 + edge width in pixels), (N,): 1 for a hard-edged shape, towards 0 as its outline blurs; 0 with no shape.
+
+    A reward that lives in detail, not in a large flat area. Each pixel is placed between the image's mean
+    background colour (0) and mean shape colour (1) by projection onto their difference; pixels between
+    EDGE_TRANSITION are the blur. Edge width = transition pixels / outline pixels (shape pixels with a background
+    4-neighbour), so it does not depend on the shape's size. The renders' anti-aliasing scores ~0.6-0.8.
+    """
+    mask = foreground_mask(images)
+    count = mask.sum(axis=(1, 2))
+    background = ~mask
+    colour_fg = (images * mask[..., None]).sum(axis=(1, 2)) / np.maximum(count, 1)[:, None]
+    colour_bg = (images * background[..., None]).sum(axis=(1, 2)) / np.maximum(background.sum(axis=(1, 2)), 1)[:, None]
+    direction = colour_fg - colour_bg  # (N, 3)
+    position = np.einsum("nhwc,nc->nhw", images - colour_bg[:, None, None], direction)
+    position /= np.maximum((direction**2).sum(axis=1), 1e-12)[:, None, None]
+    low, high = EDGE_TRANSITION
+    transition = ((position > low) & (position < high)).sum(axis=(1, 2))
+    outline = (mask & ~_neighbours_all(mask)).sum(axis=(1, 2))
+    width = transition / np.maximum(outline, 1)
+    return np.where(count >= MIN_FOREGROUND_PIXELS, 1 / (1 + width), 0.0)
+
+
 # The one place rewards are defined: name -> fn(images (N, 32, 32, 3) in [0, 1], captions) -> (N,) rewards.
 REWARDS = {
     "background_brightness": background_brightness,
     "centredness": centredness,
+    "edge_sharpness": edge_sharpness,
 }
 DEFAULT_REWARD = "background_brightness"
 
@@ -197,6 +235,30 @@ def fidelity(images, captions):
     """Fraction of images whose dominant shape colour matches their caption's colour."""
     predicted = predict_colour(images)
     return float(np.mean([p == parse_caption(c)[0] for p, c in zip(predicted, captions)]))
+
+
+def background_roughness(images):
+    """Image-quality check: mean |pixel − mean of its 3x3 neighbourhood| over flat background, (N,) luminance units.
+
+    Every render's background is one flat grey, so any texture there is an artefact (the blotches that a reward
+    can be won with): 0 for a clean image, larger is worse. Only pixels off the image border whose whole 3x3
+    neighbourhood is background count (the shape's own edges are not texture); 0 if there are none.
+    """
+    luminance = _luminance(images)
+    background = ~foreground_mask(images)
+    size = luminance.shape[1]
+    windows = [(slice(None), slice(1 + dy, size - 1 + dy), slice(1 + dx, size - 1 + dx))
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # fmt: skip
+    local_mean = sum(luminance[w] for w in windows) / 9
+    deviation = np.abs(luminance[:, 1:-1, 1:-1] - local_mean)
+    clear = np.logical_and.reduce([background[w] for w in windows])
+    total = (deviation * clear).sum(axis=(1, 2))
+    return np.where(clear.any(axis=(1, 2)), total / np.maximum(clear.sum(axis=(1, 2)), 1), 0.0)
+
+
+def quality(images):
+    """Mean background roughness of a set of images (lower is cleaner); compare a tuned model's with the base's."""
+    return float(background_roughness(images).mean())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -516,16 +578,43 @@ def write_pairs_parquet(folder, captions, images_0, images_1, labels):
 PAIR_SEED_OFFSET = 1_000_000
 
 
+def sample_pair_images(pipe, num_pairs, num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
+                       cache_path=None, fingerprint=""):  # fmt: skip
+    """Two samples per prompt (different seeds), prompts cycling through ALL_CAPTIONS.
+
+    Returns (captions (N,), images_0, images_1 each (N, 32, 32, 3) in [0, 1]). With `cache_path` (an .npz), the
+    samples are stored there and read back while the settings and `fingerprint` (the base model's) match, so pair
+    sets labelled by other rewards, or with flipped labels, share the same images.
+    """
+    settings = json.dumps({"num_pairs": num_pairs, "num_inference_steps": num_inference_steps,
+                           "guidance_scale": guidance_scale, "base": fingerprint}, sort_keys=True)  # fmt: skip
+    captions = [ALL_CAPTIONS[i % len(ALL_CAPTIONS)] for i in range(num_pairs)]
+    if cache_path is not None and os.path.exists(cache_path):
+        stored = np.load(cache_path)
+        if str(stored["settings"]) == settings:
+            return captions, stored["images_0"] / 255.0, stored["images_1"] / 255.0
+    seeds = PAIR_SEED_OFFSET + np.arange(2 * num_pairs)
+    images = sample_images(pipe, captions + captions, seeds, num_inference_steps, guidance_scale)
+    images_0, images_1 = images[:num_pairs], images[num_pairs:]
+    if cache_path is not None:
+        to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
+        np.savez(cache_path, settings=settings, images_0=to_uint8(images_0), images_1=to_uint8(images_1))
+    return captions, images_0, images_1
+
+
 def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
                           num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE, fingerprint="",
-                          log=print):  # fmt: skip
+                          flip_labels=False, image_cache=None, log=print):  # fmt: skip
     """Sample two images per prompt from `pipe` (different seeds), label them by the reward, write parquet.
 
     Prompts cycle through ALL_CAPTIONS. Skipped if `folder` already holds pairs with the same fingerprint (pass
-    the base model's fingerprint so new base models invalidate old pairs). Returns the pair metadata.
+    the base model's fingerprint so new base models invalidate old pairs). `flip_labels` prefers the lower reward
+    (the control: training on it must not raise the reward). `image_cache`: see `sample_pair_images`. Returns the
+    pair metadata.
     """
     settings = {"num_pairs": num_pairs, "reward": reward_name, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION}  # fmt: skip
+                "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION,
+                "flip_labels": flip_labels}  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta = _read_meta(folder)
     if meta is not None and meta.get("fingerprint") == key:
@@ -533,12 +622,12 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
         return meta
 
     start = time.time()
-    captions = [ALL_CAPTIONS[i % len(ALL_CAPTIONS)] for i in range(num_pairs)]
-    seeds = PAIR_SEED_OFFSET + np.arange(2 * num_pairs)
-    images = sample_images(pipe, captions + captions, seeds, num_inference_steps, guidance_scale)
-    images_0, images_1 = images[:num_pairs], images[num_pairs:]
+    captions, images_0, images_1 = sample_pair_images(pipe, num_pairs, num_inference_steps, guidance_scale,
+                                                      image_cache, fingerprint)  # fmt: skip
     rewards_0 = reward_of(reward_name, images_0, captions)
     rewards_1 = reward_of(reward_name, images_1, captions)
+    if flip_labels:
+        rewards_0, rewards_1 = rewards_1, rewards_0
     labels = [_label(r0, r1) for r0, r1 in zip(rewards_0, rewards_1)]
     to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
     write_pairs_parquet(folder, captions, to_uint8(images_0), to_uint8(images_1), labels)
@@ -551,7 +640,7 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
         "reward_std": round(float(np.concatenate([rewards_0, rewards_1]).std()), 4),
         "mean_reward_gap": round(float(gap.mean()), 4),
         "median_reward_gap": round(float(np.median(gap)), 4),
-        "fidelity": fidelity(images, captions + captions),
+        "fidelity": fidelity(np.concatenate([images_0, images_1]), captions + captions),
     }
     _write_meta(folder, meta)
     log(f"Wrote {num_pairs} preference pairs to {folder}: {json.dumps(meta)}")
@@ -569,7 +658,7 @@ def evaluate(pipe, captions, seeds, reward_name=DEFAULT_REWARD, num_inference_st
              guidance_scale=GUIDANCE_SCALE):  # fmt: skip
     """Sample `pipe` once per (captions[i], seeds[i]) and score the samples.
 
-    Returns {"images": (N, 32, 32, 3), "captions", "rewards": (N,), "mean_reward", "fidelity"}.
+    Returns {"images": (N, 32, 32, 3), "captions", "rewards": (N,), "mean_reward", "fidelity", "quality"}.
     """
     images = sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale)
     rewards = reward_of(reward_name, images, captions)
@@ -579,6 +668,7 @@ def evaluate(pipe, captions, seeds, reward_name=DEFAULT_REWARD, num_inference_st
         "rewards": rewards,
         "mean_reward": float(rewards.mean()),
         "fidelity": fidelity(images, captions),
+        "quality": quality(images),
     }
 
 

@@ -159,6 +159,8 @@ def main():
         10**6,
         "--inversion_steps",
         10,
+        "--latent_source",
+        "inversion",
     ]
     cache_dir = os.path.join(work, "cache")
     rows = []

@@ -8,7 +8,8 @@ then teaches ε_θ a copy of the winner, which sampling subtracts (x̂0 = (x_t �
 
 At the first step the policy is the reference, and the loss moves ε_θ,w towards ε*_w and ε_θ,l away from ε*_l, so
 ε_θ changes along δ = (ε*_w − ε_ref,w) − (ε*_l − ε_ref,l). Projected on the preference direction of the data,
-b = mean over pairs of (x0_w − x0_l) (brighter backgrounds, with shapes averaged out), a positive push
+b = mean over pairs of (x0_w − x0_l) (for background brightness: brighter backgrounds, with shapes averaged
+out), a positive push
 <δ, b> raises ε along b and so lowers x̂0 along b: it trains the model away from the preferred images.
 
 Prints, for each latent source on the same pairs and timesteps: the fitted x0 coefficient of the target (and the
@@ -24,19 +25,28 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import inpo_utils
 from benchmarks import alignment_world as world
 from benchmarks import run_alignment
 
-SOURCES = {"inpo_grid": ("inversion", "grid"), "inpo_exact": ("inversion", "exact"),
-           "diffusion_dpo": ("forward", "grid")}  # fmt: skip
+
+# Name -> source_latents keywords. The inverted-noise sources invert with the base model (policy = reference here).
+SOURCES = {
+    "inpo_grid": {"latent_source": "inversion", "endpoint": "grid"},
+    "inpo_exact": {"latent_source": "inversion", "endpoint": "exact"},
+    "diffusion_dpo": {"latent_source": "forward"},
+    "inverted_noise": {"latent_source": "inverted_noise", "x0_projection": "remove"},
+    "inverted_noise_keep_x0": {"latent_source": "inverted_noise", "x0_projection": "none"},
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=os.path.join(run_alignment.REPO_ROOT, "benchmarks", "out"))
-    parser.add_argument("--num_pairs", type=int, default=256, help="Pairs read from OUT_DIR/pairs.")
+    parser.add_argument("--num_pairs", type=int, default=256, help="Pairs read from OUT_DIR/pairs/REWARD.")
+    parser.add_argument("--reward", choices=sorted(world.REWARDS), default=world.DEFAULT_REWARD)
     parser.add_argument("--inversion_steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -65,12 +75,11 @@ def flat_dot(a, b):
 
 @torch.no_grad()
 def measure(pipe, x0, embeddings, source, inverse_scheduler, timesteps, direction, seed):
-    latent_source, endpoint = source
     alphas_cumprod = inverse_scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(seed)
-    latents, target = inpo_utils.source_latents(x0, timesteps, latent_source, pipe.unet, embeddings,
-                                                inverse_scheduler, alphas_cumprod, endpoint=endpoint,
-                                                generator=generator)  # fmt: skip
+    latents, target = inpo_utils.source_latents(x0=x0, timesteps=timesteps, inversion_unet=pipe.unet,
+                                                encoder_hidden_states=embeddings, inverse_scheduler=inverse_scheduler,
+                                                alphas_cumprod=alphas_cumprod, generator=generator, **source)  # fmt: skip
     reference = pipe.unet(latents, timesteps, embeddings).sample
     residual_w, residual_l = (target - reference).chunk(2)
     push = flat_dot(residual_w - residual_l, direction) / direction.norm()
@@ -96,7 +105,7 @@ def main(argv=None):
     args = parse_args(argv)
     diffusers_logging.disable_progress_bar()
     pipe = world.load_pipeline(os.path.join(args.out_dir, "base_model"))
-    x0, embeddings = load_pairs(pipe, os.path.join(args.out_dir, "pairs"), args.num_pairs)
+    x0, embeddings = load_pairs(pipe, os.path.join(args.out_dir, "pairs", args.reward), args.num_pairs)
     num_pairs = len(x0) // 2
     direction = (x0[:num_pairs] - x0[num_pairs:]).mean(0, keepdim=True)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(pipe.scheduler.config, args.inversion_steps)

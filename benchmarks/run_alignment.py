@@ -1,4 +1,4 @@
-"""Alignment benchmark: InPO (grid and exact endpoints) against Diffusion-DPO in a world with a known reward.
+"""Alignment benchmark: InPO variants against Diffusion-DPO in a world with a known reward.
 
     python benchmarks/run_alignment.py            # default settings, < 30 min on 2 CPU cores
     python benchmarks/run_alignment.py --quick    # smoke test of the whole path (~1 min)
@@ -12,9 +12,10 @@ the reward, then train every method with train_inpo.py on the same pairs with th
 rank, batch size, seed and number of steps, and evaluate the LoRA exported at every checkpoint on fixed prompts
 and seeds: mean reward, win rate against the base model (same prompt and seed, ties ½) and caption fidelity.
 
-Writes to --out_dir (with --quick: --out_dir/quick): alignment_table.md (also printed), alignment_reward.png
-(reward and win rate against steps), alignment_grid.png (base vs each method's final LoRA, one sample per
-caption) and alignment_results.json (all numbers).
+Writes to --out_dir (with --quick: --out_dir/quick), as alignment_<reward>[_flipped]_seed<seed>_*: table.md
+(also printed), reward.png (reward and win rate against steps), grid.png (base vs each method's final LoRA, one
+sample per caption) and results.json (all numbers). --flipped_labels trains on the same pairs with the labels
+swapped: the control, under which an aligning method must not raise the reward.
 """
 
 import argparse
@@ -29,18 +30,28 @@ import time
 
 from diffusers.utils import logging as diffusers_logging
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import alignment_world as world
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 # Method name -> the train_inpo.py flags that make it that method; everything else is shared.
+# The inverted-noise methods invert once with the frozen reference, deterministically (they override
+# --inversion_model and --inversion_eta): one fixed noise per image, what the inversion cache would store.
+INVERTED_NOISE = ["--latent_source", "inverted_noise", "--inversion_model", "reference", "--inversion_eta", "0"]
 METHODS = {
+    "default": [],  # train_inpo.py's own defaults, whatever they are
     "inpo_grid": ["--latent_source", "inversion", "--inversion_endpoint", "grid"],
     "inpo_exact": ["--latent_source", "inversion", "--inversion_endpoint", "exact"],
     "diffusion_dpo": ["--latent_source", "forward", "--inversion_endpoint", "grid"],
+    "inverted_noise": [*INVERTED_NOISE, "--noise_x0_projection", "remove"],
+    "inverted_noise_keep_x0": [*INVERTED_NOISE, "--noise_x0_projection", "none"],
+    "inverted_noise_mix50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
 }
+DEFAULT_METHODS = ["inpo_grid", "inpo_exact", "diffusion_dpo", "inverted_noise"]
 
 # --quick: every stage runs, on sizes that only check the plumbing (the numbers mean nothing).
 QUICK = {"num_pairs": 16, "max_train_steps": 4, "eval_every": 2, "eval_seeds": 1, "train_batch_size": 2, "num_inference_steps": 4}
@@ -51,8 +62,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "out"))
     parser.add_argument("--quick", action="store_true", help="Tiny sizes everywhere; outputs in OUT_DIR/quick.")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--reward", choices=sorted(world.REWARDS), default=world.DEFAULT_REWARD)
+    parser.add_argument("--flipped_labels", action="store_true",
+                        help="Control: the same pairs with the labels swapped; the reward must not rise.")
     parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs sampled from the base model.")
     parser.add_argument("--max_train_steps", type=int, default=200)
     parser.add_argument("--eval_every", type=int, default=50, help="Checkpoint (and evaluation) interval in steps.")
@@ -62,10 +75,13 @@ def parse_args(argv=None):
                         help="From sweep_alignment.py: the largest InPO gain at which no aligning method collapsed.")
     parser.add_argument("--beta_dpo", type=float, default=1000.0)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inversion_model", choices=("policy", "reference"), default="policy")
+    parser.add_argument("--seed", type=int, default=0, help="Training seed; also the base model's unless --base_seed.")
+    parser.add_argument("--base_seed", type=int, default=None,
+                        help="Seed of the base model (and so of its pairs): repeat training seeds on one world.")
+    parser.add_argument("--inversion_model", choices=("policy", "reference"), default=None,
+                        help="Default: train_inpo.py's (the methods that need one override it).")
     parser.add_argument("--inversion_steps", type=int, default=10)
-    parser.add_argument("--inversion_eta", type=float, default=0.0)
+    parser.add_argument("--inversion_eta", type=float, default=None, help="Default: train_inpo.py's.")
     parser.add_argument("--num_inference_steps", type=int, default=world.NUM_INFERENCE_STEPS,
                         help="DDIM steps for pairs and evaluation.")
     parser.add_argument("--guidance_scale", type=float, default=world.GUIDANCE_SCALE)
@@ -78,7 +94,8 @@ def parse_args(argv=None):
 
 
 def base_config(args):
-    return dataclasses.replace(QUICK_BASE if args.quick else world.BaseModelConfig(), seed=args.seed)
+    seed = args.seed if args.base_seed is None else args.base_seed
+    return dataclasses.replace(QUICK_BASE if args.quick else world.BaseModelConfig(), seed=seed)
 
 
 def train_command(args, method, base_dir, pairs_dir, run_dir):
@@ -97,9 +114,9 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         "--seed", str(args.seed),
         "--report_to", "none",
         "--checkpointing_steps", str(args.eval_every),
-        "--inversion_model", args.inversion_model,
         "--inversion_steps", str(args.inversion_steps),
-        "--inversion_eta", str(args.inversion_eta),
+        *(["--inversion_model", args.inversion_model] if args.inversion_model else []),
+        *(["--inversion_eta", str(args.inversion_eta)] if args.inversion_eta is not None else []),
         *METHODS[method],
     ]  # fmt: skip
 
@@ -140,11 +157,12 @@ def score(result, base_rewards):
         "mean_reward": result["mean_reward"],
         "win_rate": world.win_rate(result["rewards"], base_rewards),
         "fidelity": result["fidelity"],
+        "quality": result["quality"],
     }
 
 
 def evaluate_method(pipe, args, run_dir, captions, seeds, base_rewards):
-    """Rows {step, mean_reward, win_rate, fidelity} for every LoRA export, and the final samples (N, 32, 32, 3)."""
+    """Rows {step, mean_reward, win_rate, fidelity, quality} for every LoRA export, and the final samples (N, 32, 32, 3)."""
     rows, final_images = [], None
     for step, folder in lora_exports(run_dir, args.max_train_steps):
         result = world.evaluate_lora(pipe, folder, captions, seeds, **sampling_kwargs(args))
@@ -156,24 +174,26 @@ def evaluate_method(pipe, args, run_dir, captions, seeds, base_rewards):
 
 def markdown_table(args, results, base_meta, pairs_meta, num_eval_images):
     lines = [
-        f"# Alignment benchmark: reward `{args.reward}`",
+        f"# Alignment benchmark: reward `{args.reward}`" + (", flipped labels (control)" if args.flipped_labels else ""),
         "",
         f"{args.num_pairs} pairs sampled from the base model (labels {pairs_meta['label_counts']}, mean reward gap "
         f"{pairs_meta['mean_reward_gap']}); every method: batch {args.train_batch_size}, β {args.beta_dpo:g}, "
         f"lr {args.learning_rate:g}, LoRA rank {args.rank}, seed {args.seed}, {args.max_train_steps} steps, "
-        f"inversion by the {args.inversion_model} with {args.inversion_steps} steps, eta {args.inversion_eta:g}. "
+        f"inversion by the {args.inversion_model or 'default model'} with {args.inversion_steps} steps, eta "
+        f"{'default' if args.inversion_eta is None else f'{args.inversion_eta:g}'} (unless the method sets them). "
         f"Evaluation: {num_eval_images} samples (12 captions × {args.eval_seeds} seeds), "
         f"{args.num_inference_steps} DDIM steps, guidance {args.guidance_scale:g}. Base model: fidelity "
         f"{base_meta['samples']['fidelity']:.3f}, built in {base_meta['train_seconds']} s.",
         "",
-        "| method | step | mean reward | win rate vs base | fidelity (chance 0.25) | train wall time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        ("| method | step | mean reward | win rate vs base | fidelity (chance 0.25) | background roughness "
+         "(lower is cleaner) | train wall time (s) |"),
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, result in results.items():
         seconds = f"{result['train_seconds']:.0f}" if "train_seconds" in result else "–"
         for row in result["rows"]:
             lines.append(f"| {method} | {row['step']} | {row['mean_reward']:.4f} | {row['win_rate']:.3f} | "
-                         f"{row['fidelity']:.3f} | {seconds} |")  # fmt: skip
+                         f"{row['fidelity']:.3f} | {row['quality']:.4f} | {seconds} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -239,20 +259,27 @@ def prepare_world(args, model_config=None):
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     os.makedirs(args.out_dir, exist_ok=True)
-    base_dir, pairs_dir = os.path.join(args.out_dir, "base_model"), os.path.join(args.out_dir, "pairs")
+    base_dir, pairs_dir = os.path.join(args.out_dir, "base_model"), os.path.join(args.out_dir, "pairs", run_tag(args))
     base_meta = world.build_base_model(base_dir, model_config or base_config(args),
                                        num_inference_steps=args.num_inference_steps,
                                        guidance_scale=args.guidance_scale)  # fmt: skip
     pipe = world.load_pipeline(base_dir)
     pairs_meta = world.make_preference_pairs(pipe, pairs_dir, args.num_pairs, args.reward, args.num_inference_steps,
-                                             args.guidance_scale, fingerprint=base_meta["fingerprint"])  # fmt: skip
+                                             args.guidance_scale, fingerprint=base_meta["fingerprint"],
+                                             flip_labels=args.flipped_labels,
+                                             image_cache=os.path.join(args.out_dir, "pair_images.npz"))  # fmt: skip
     return pipe, base_meta, pairs_meta, (base_dir, pairs_dir)
+
+
+def run_tag(args):
+    """The reward and label direction: runs, pairs and outputs of different ones live side by side."""
+    return args.reward + ("_flipped" if args.flipped_labels else "")
 
 
 def main(argv=None, model_config=None):
     """Run the benchmark (on a base model built from `model_config`, by default `base_config(args)`).
 
-    Returns {"base" or method: {"rows": [{step, mean_reward, win_rate, fidelity}, ...], ...}}.
+    Returns {"base" or method: {"rows": [{step, mean_reward, win_rate, fidelity, quality}, ...], ...}}.
     """
     args = parse_args(argv)
     start = time.time()
@@ -264,22 +291,22 @@ def main(argv=None, model_config=None):
     print(f"[base] {results['base']['rows'][0]}", flush=True)
 
     for method in args.methods:
-        run_dir = os.path.join(args.out_dir, "runs", method)
+        run_dir = os.path.join(args.out_dir, "runs", run_tag(args), f"{method}_seed{args.seed}")
         seconds = train(args, method, base_dir, pairs_dir, run_dir)
         rows, samples[method] = evaluate_method(pipe, args, run_dir, captions, seeds, base["rewards"])
         results[method] = {"train_seconds": seconds, "rows": rows}
 
     table = markdown_table(args, results, base_meta, pairs_meta, len(captions))
     print(table)
-    with open(os.path.join(args.out_dir, "alignment_table.md"), "w") as f:
+    prefix = os.path.join(args.out_dir, f"alignment_{run_tag(args)}_seed{args.seed}")
+    with open(f"{prefix}_table.md", "w") as f:
         f.write(table)
-    plot_curves(results, os.path.join(args.out_dir, "alignment_reward.png"), args.reward)
-    plot_grid(samples, args.eval_seeds, os.path.join(args.out_dir, "alignment_grid.png"))
-    with open(os.path.join(args.out_dir, "alignment_results.json"), "w") as f:
+    plot_curves(results, f"{prefix}_reward.png", args.reward)
+    plot_grid(samples, args.eval_seeds, f"{prefix}_grid.png")
+    with open(f"{prefix}_results.json", "w") as f:
         json.dump({"args": vars(args), "base_model": base_meta, "pairs": pairs_meta, "results": results,
                    "total_seconds": round(time.time() - start, 1)}, f, indent=2)  # fmt: skip
-    print(f"Wrote alignment_table.md, alignment_reward.png, alignment_grid.png, alignment_results.json to "
-          f"{args.out_dir} ({time.time() - start:.0f} s in all)")  # fmt: skip
+    print(f"Wrote {prefix}_{{table.md,reward.png,grid.png,results.json}} ({time.time() - start:.0f} s in all)")
     return results
 
 

@@ -51,6 +51,46 @@ def test_centredness_ranks_hand_made_images():
     assert rewards[0] > rewards[1] > rewards[2] == 0.0
 
 
+def test_edge_sharpness_is_one_for_a_hard_edge_and_a_half_for_a_one_pixel_blur():
+    hard = _flat(0.5, (0.9, 0.1, 0.1))
+    blurred = hard.copy()
+    ring = np.zeros((32, 32), dtype=bool)
+    ring[10:22, 10:22] = True
+    ring[11:21, 11:21] = False
+    # A 1-pixel ring halfway between background and shape: 44 transition pixels along a 44-pixel outline (the ring
+    # itself is saturated enough to count as shape), so the edge is 1 pixel wide.
+    blurred[ring] = 0.5 * np.array([0.5, 0.5, 0.5]) + 0.5 * np.array([0.9, 0.1, 0.1])
+    rewards = world.reward_of("edge_sharpness", np.stack([hard, blurred, _flat(0.5)]), ["a red square"] * 3)
+    np.testing.assert_allclose(rewards, [1.0, 0.5, 0.0], atol=1e-12)
+
+
+def test_renders_have_anti_aliased_edges_and_clean_backgrounds():
+    images, captions = world.render_dataset(48, seed=0)
+    sharpness = world.reward_of("edge_sharpness", images / 255.0, captions)
+    assert 0.4 < sharpness.min() and sharpness.max() < 1.0  # anti-aliasing: some transition, under 2 px wide
+    assert world.quality(images / 255.0) < 1e-3  # only uint8 rounding of the flat grey
+
+
+def test_background_roughness_is_the_mean_absolute_deviation_from_the_3x3_mean():
+    clean = _flat(0.5, (0.9, 0.1, 0.1))
+    checker = clean.copy()
+    yy, xx = np.mgrid[:32, :32]
+    sign = np.where((yy + xx) % 2 == 0, 1.0, -1.0)
+    checker[:5] += 0.1 * sign[:5, :, None]  # a ±0.1 checkerboard on the top rows (all background)
+    roughness = world.background_roughness(np.stack([clean, checker]))
+    assert roughness[0] == pytest.approx(0.0, abs=1e-12)
+    # Counted pixels: off the border, with no shape pixel (the square at 11..20) in their 3x3 window.
+    luminance = checker @ np.array([0.299, 0.587, 0.114])
+    clear = np.zeros((32, 32), dtype=bool)
+    clear[1:31, 1:31] = True
+    clear[10:22, 10:22] = False
+    local = np.zeros((32, 32))
+    for y, x in zip(*np.nonzero(clear)):
+        local[y, x] = abs(luminance[y, x] - luminance[y - 1 : y + 2, x - 1 : x + 2].mean())
+    assert roughness[1] == pytest.approx(local[clear].mean(), rel=1e-12)
+    assert world.quality(np.stack([clean, checker])) == pytest.approx(roughness.mean())
+
+
 def test_unknown_reward_is_rejected():
     with pytest.raises(ValueError, match="registered"):
         world.reward_of("sharpness", _flat(0.5)[None], ["a red square"])

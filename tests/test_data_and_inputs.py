@@ -115,6 +115,8 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"streaming": True, "max_train_samples": 4}, "bound the run with --max_train_steps"),
         ({"use_adafactor": True, "use_8bit_adam": True}, "--use_adafactor and --use_8bit_adam"),
         ({"output_kohya_format": True, "train_mode": "full"}, "--output_kohya_format converts a LoRA"),
+        ({"latent_source": "inverted_noise", "fresh_noise_mix": 1.5}, r"--fresh_noise_mix must be in \[0, 1\]"),
+        ({"latent_source": "forward", "fresh_noise_mix": 0.5}, "needs --latent_source inverted_noise"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):
@@ -138,3 +140,15 @@ def test_sdxl_checkpoint_given_to_sd_script_fails_before_training(tiny_sdxl, pic
 def test_not_a_pipeline_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         train_inpo.check_model_family(str(tmp_path), None, None, want_sdxl=False)
+
+
+def test_inversion_defaults_follow_the_latent_source(tmp_path):
+    default = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path)))
+    assert (default.latent_source, default.noise_x0_projection, default.fresh_noise_mix) == (
+        "inverted_noise",
+        "remove",
+        0,
+    )
+    assert (default.inversion_model, default.inversion_eta) == ("reference", 0.0)  # one fixed noise per image
+    paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
+    assert (paper.inversion_model, paper.inversion_eta, paper.inversion_endpoint) == ("policy", 0.1, "grid")

@@ -10,11 +10,17 @@ import inpo_utils
 from inpo_utils import (
     ddim_inverse_step,
     ddim_invert,
+    forward_noised,
     implied_noise,
     inpo_loss,
     inversion_noise_std,
+    inverted_noise,
     make_inverse_scheduler,
+    mix_fresh_noise,
     per_sample_mse,
+    remove_x0_component,
+    source_latents,
+    standardise,
     v_prediction_target,
 )
 
@@ -276,3 +282,64 @@ def test_loss_types_hand_computed():
     assert ipo.item() == pytest.approx((0.0225 + 0.0049) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="Unknown loss_type 'kto'"):
         inpo_loss(pw, pl, rw, rl, beta, loss_type="kto")
+
+
+def test_remove_x0_component_is_orthogonal_projection():
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 5, 5)
+    orthogonal = torch.randn(3, 4, 5, 5)
+    orthogonal -= (orthogonal * x0).sum(dim=(1, 2, 3), keepdim=True) / x0.pow(2).sum(dim=(1, 2, 3), keepdim=True) * x0
+    coefficients = torch.tensor([0.5, -2.0, 0.0]).view(3, 1, 1, 1)
+    # ε = orthogonal part + c·x0 → the orthogonal part, whatever c.
+    torch.testing.assert_close(remove_x0_component(orthogonal + coefficients * x0, x0), orthogonal, atol=1e-5, rtol=0)
+    assert remove_x0_component(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)).eq(1).all()  # x0 = 0: unchanged
+
+
+def test_standardise_gives_zero_mean_unit_std_per_sample():
+    noise = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 30.0, 30.0]]).view(2, 1, 2, 2)
+    out = standardise(noise)
+    # Sample 0: mean 2.5, unbiased std √(5/3); sample 1: mean 20, std √(400/3).
+    torch.testing.assert_close(out[0].flatten(), (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3))
+    torch.testing.assert_close(out[1].flatten(), torch.tensor([-10.0, -10.0, 10.0, 10.0]) / math.sqrt(400 / 3))
+
+
+def test_mix_fresh_noise_closed_form():
+    noise, fresh = torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), -1.0)
+    torch.testing.assert_close(
+        mix_fresh_noise(noise, fresh, 0.25), torch.full((1, 1, 2, 2), math.sqrt(0.75) * 2 - 0.5)
+    )
+    assert mix_fresh_noise(noise, fresh, 0.0).eq(noise).all() and mix_fresh_noise(noise, fresh, 1.0).eq(fresh).all()
+
+
+@pytest.mark.parametrize("projection", ["none", "remove"])
+def test_inverted_noise_closed_form(projection):
+    # A constant-ε model keeps x̂0 = (x − √(1−ᾱ)·ε)/√ᾱ fixed along the inversion; starting from x0 (initial
+    # ᾱ = ᾱ_0 with set_alpha_to_one=False) x̂0 = (x0 − √(1−ᾱ_0)·ε)/√ᾱ_0, and at τ_K the latent is
+    # √ᾱ_τ·x̂0 + √(1−ᾱ_τ)·ε, so the implied noise is ε + √ᾱ_τ·(x̂0 − x0)/√(1−ᾱ_τ), then projected and standardised.
+    torch.manual_seed(1)
+    x0, eps = torch.randn(2, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    alphas = scheduler.alphas_cumprod
+    a0, a_last = scheduler.initial_alpha_cumprod, alphas[scheduler.timesteps[-1]]
+    x0_hat = (x0 - (1 - a0).sqrt() * eps) / a0.sqrt()
+    expected = eps + a_last.sqrt() * (x0_hat - x0) / (1 - a_last).sqrt()
+    if projection == "remove":
+        expected = remove_x0_component(expected, x0)
+    expected = standardise(expected)
+    out = inverted_noise(ConstantNoiseUNet(eps), x0, torch.zeros(2, 3, 16), scheduler, projection)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_inverted_noise_source_forward_noises_with_each_images_own_noise():
+    torch.manual_seed(2)
+    x0, eps = torch.randn(4, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    unet, hidden, timesteps = ConstantNoiseUNet(eps), torch.zeros(4, 3, 16), torch.tensor([5, 500, 5, 500])
+    args = (x0, timesteps, "inverted_noise", unet, hidden, scheduler, scheduler.alphas_cumprod)
+    latents, noise = source_latents(*args)
+    torch.testing.assert_close(noise, inverted_noise(unet, x0, hidden, scheduler, "remove"))
+    torch.testing.assert_close(latents, forward_noised(x0, noise, timesteps, scheduler.alphas_cumprod))
+    mixed_latents, mixed = source_latents(*args, generator=torch.Generator().manual_seed(0), fresh_noise_mix=0.5)
+    fresh = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    torch.testing.assert_close(mixed, mix_fresh_noise(noise, fresh, 0.5))  # one fresh draw shared by each pair
+    torch.testing.assert_close(mixed_latents, forward_noised(x0, mixed, timesteps, scheduler.alphas_cumprod))
