@@ -1,19 +1,23 @@
-"""Offline demo: build a tiny SD pipeline and a tiny Pick-a-Pic dataset, train InPO on them, compare before/after.
+"""Offline demo: preference-tune a toy text-to-image model with InPO and watch the preferred property rise.
 
-Nothing is downloaded. The tiny models are saved with `save_pretrained` and the dataset as parquet, so the training
-script loads them through exactly the code path it uses for `stable-diffusion-v1-5` and `pickapic_v2`.
+    python demo.py                                  # reward: background brightness
+    python demo.py --reward edge_sharpness
 
-    python demo.py --output_dir demo_out
+The toy model is the alignment benchmark's (benchmarks/assets/world_base_model: 32 px coloured shapes, an SD-layout
+pipeline trained from scratch). The demo samples preference pairs from it, labels each pair by the reward, trains a
+LoRA with `accelerate launch train_inpo.py` and its default settings, loads the LoRA with `load_lora_weights` and
+compares samples before and after on the same seeds (benchmarks/run_alignment.py does the work). Writes to
+--output_dir a before/after grid, a reward curve and a table. Nothing is downloaded.
 
-The builders below are also what the tests use.
+The tiny random-weight pipelines and Pick-a-Pic-layout datasets below are what the tests build.
 """
 
 import argparse
 import io
 import json
 import os
-import subprocess
-import sys
+import shutil
+import time
 
 import numpy as np
 import torch
@@ -32,6 +36,9 @@ _TINY_UNET = {
     "layers_per_block": 1,
     "norm_num_groups": 16,
 }
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD_BASE_MODEL = os.path.join(HERE, "benchmarks", "assets", "world_base_model")
 
 DEMO_CAPTIONS = ["a red square", "a blue circle", "a green cat", "a yellow dog", "a white house", "a black tree"]
 
@@ -214,66 +221,71 @@ def build_tiny_pickapic(path, num_pairs=8, image_size=(40, 48), seed=0, split="t
     return path
 
 
-def _generate(pipe, prompt, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=10, generator=generator, output_type="np", height=32, width=32).images[0]
+def run_alignment_demo(output_dir, reward, max_train_steps, num_pairs):
+    """Preference-tune the shipped toy model toward `reward` with train_inpo.py's defaults; fall back to showing
+    Diffusion-DPO beside it when the default does not raise the reward. Returns run_alignment's results."""
+    from benchmarks import alignment_world as world
+    from benchmarks import run_alignment
 
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="demo_out")
-    parser.add_argument("--max_train_steps", type=int, default=20)
-    args = parser.parse_args()
-
-    model_dir = build_tiny_sd(os.path.join(args.output_dir, "tiny-sd"))
-    data_dir = build_tiny_pickapic(os.path.join(args.output_dir, "tiny-pickapic"), num_pairs=16)
-    lora_dir = os.path.join(args.output_dir, "inpo-lora")
-    here = os.path.dirname(os.path.abspath(__file__))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        os.path.join(here, "train_inpo.py"),
-        "--pretrained_model_name_or_path",
-        model_dir,
-        "--dataset_name",
-        data_dir,
-        "--output_dir",
-        lora_dir,
-        "--resolution",
-        "32",
-        "--train_batch_size",
-        "2",
+    base_dir = os.path.join(output_dir, "base_model")
+    if not os.path.isdir(base_dir):
+        shutil.copytree(WORLD_BASE_MODEL, base_dir)  # same fingerprint as BaseModelConfig(): loaded, not rebuilt
+    argv = [
+        "--out_dir",
+        output_dir,
+        "--reward",
+        reward,
+        "--methods",
+        "default",
+        "--num_pairs",
+        str(num_pairs),
+        "--num_inference_steps",
+        "10",
         "--max_train_steps",
-        str(args.max_train_steps),
+        str(max_train_steps),
+        "--eval_every",
+        str(max(1, max_train_steps // 2)),
+        "--eval_seeds",
+        "2",
+        "--train_batch_size",
+        "8",
         "--learning_rate",
         "1e-3",
         "--beta_dpo",
-        "500",
-        "--rank",
-        "4",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
+        "5000",
     ]
-    print("Running:", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    results = run_alignment.main(argv, model_config=world.BaseModelConfig())
+    if results["default"]["rows"][-1]["mean_reward"] <= results["base"]["rows"][0]["mean_reward"]:
+        print("The default InPO settings did NOT raise this reward; running Diffusion-DPO on the same pairs too.")
+        argv.insert(argv.index("default") + 1, "diffusion_dpo")  # both in one table, plot and grid
+        results = run_alignment.main(argv, model_config=world.BaseModelConfig())
+    return results
 
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
-    prompt = DEMO_CAPTIONS[0]
-    before = _generate(pipe, prompt, seed=0)
-    pipe.load_lora_weights(lora_dir)
-    after = _generate(pipe, prompt, seed=0)
-    grid = (np.concatenate([before, after], axis=1) * 255).round().astype(np.uint8)
-    grid_path = os.path.join(args.output_dir, "before_after.png")
-    Image.fromarray(grid).resize((256, 128), Image.NEAREST).save(grid_path)
-    print(f"Mean |after - before| pixel change: {np.abs(after - before).mean():.4f}")
-    print(f"LoRA: {lora_dir}; before | after image for {prompt!r}: {grid_path}")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="demo_out")
+    parser.add_argument(
+        "--reward",
+        default="background_brightness",
+        help="What the preference labels prefer: background_brightness (a brighter background; no caption "
+        "names it) or edge_sharpness (crisper shape edges).",
+    )
+    parser.add_argument("--max_train_steps", type=int, default=40)
+    parser.add_argument("--num_pairs", type=int, default=128)
+    args = parser.parse_args(argv)
+    start = time.time()
+    results = run_alignment_demo(args.output_dir, args.reward, args.max_train_steps, args.num_pairs)
+    base = results["base"]["rows"][0]
+    print(f"\nReward `{args.reward}` of 24 samples (12 captions x 2 seeds, same seeds before and after):")
+    for method in [m for m in results if m != "base"]:
+        tuned = results[method]["rows"][-1]
+        print(
+            f"  {method}: reward {base['mean_reward']:.3f} -> {tuned['mean_reward']:.3f}, win rate vs base "
+            f"{tuned['win_rate']:.2f} (ties 1/2), caption colour fidelity {base['fidelity']:.2f} -> {tuned['fidelity']:.2f}"
+        )
+    prefix = os.path.join(args.output_dir, f"alignment_{args.reward}_seed0")
+    print(f"Before/after grid: {prefix}_grid.png, reward curve: {prefix}_reward.png ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

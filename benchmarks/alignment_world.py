@@ -165,7 +165,7 @@ def centredness(images, captions):
 def _neighbours_all(mask):
     """(N, H, W) bool: True where the pixel and its 4 neighbours are all True (pixels off the image count False)."""
     padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=False)
-    return (mask & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:])
+    return mask & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
 
 
 # A pixel is "in transition" when its position between the background and the shape colour is in this range.
@@ -247,8 +247,11 @@ def background_roughness(images):
     luminance = _luminance(images)
     background = ~foreground_mask(images)
     size = luminance.shape[1]
-    windows = [(slice(None), slice(1 + dy, size - 1 + dy), slice(1 + dx, size - 1 + dx))
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # fmt: skip
+    windows = [
+        (slice(None), slice(1 + dy, size - 1 + dy), slice(1 + dx, size - 1 + dx))
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    ]
     local_mean = sum(luminance[w] for w in windows) / 9
     deviation = np.abs(luminance[:, 1:-1, 1:-1] - local_mean)
     clear = np.logical_and.reduce([background[w] for w in windows])
@@ -292,10 +295,17 @@ def _text_encoder(vocab_size):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=32, bos_token_id=0, eos_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
         pad_token_id=1,
-    )  # fmt: skip
+    )
     return CLIPTextModel(config)
 
 
@@ -304,10 +314,15 @@ def _vae():
 
     # Two levels: 32 px images <-> 4 x 16 x 16 latents (the SD layout at 1/16 of the side).
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-        norm_num_groups=8, sample_size=IMAGE_SIZE,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
 
 
 def _unet():
@@ -316,10 +331,17 @@ def _unet():
     # Cross-attention only at the 8x8 level: the caption fixes global properties (colour, shape), and attention
     # over 64 rather than 256 positions keeps a training step at ~0.2 s on 2 CPU cores.
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
-    )  # fmt: skip
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
 
 
 def _scheduler():
@@ -327,9 +349,14 @@ def _scheduler():
 
     # The SD 1.5 noise schedule and conventions, so the trainer sees the same timesteps as on the real model.
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
 def _to_model_range(images_uint8):
@@ -376,8 +403,9 @@ def _encode(vae, pixels, batch_size=256):
 @torch.no_grad()
 def _caption_embeddings(tokenizer, text_encoder, captions):
     """Text-encoder hidden states (len(captions), L, 32), tokenized exactly as StableDiffusionPipeline does."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids  # fmt: skip
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids)[0]
 
 
@@ -425,8 +453,14 @@ def _write_meta(path, meta):
         json.dump(meta, f, indent=2)
 
 
-def build_base_model(path, config=BaseModelConfig(), num_check_seeds=8, num_inference_steps=NUM_INFERENCE_STEPS,
-                     guidance_scale=GUIDANCE_SCALE, log=print):  # fmt: skip
+def build_base_model(
+    path,
+    config=BaseModelConfig(),
+    num_check_seeds=8,
+    num_inference_steps=NUM_INFERENCE_STEPS,
+    guidance_scale=GUIDANCE_SCALE,
+    log=print,
+):
     """Pretrain the tiny SD pipeline on the world and `save_pretrained` it to `path`; return its metadata.
 
     Skipped if `path` already holds a model with the same fingerprint. The metadata (also in
@@ -466,9 +500,15 @@ def build_base_model(path, config=BaseModelConfig(), num_check_seeds=8, num_infe
     train_seconds = time.time() - start
 
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path)
     check = evaluate(pipe, *eval_prompts(num_check_seeds), DEFAULT_REWARD, num_inference_steps, guidance_scale)
     meta = {
@@ -478,8 +518,11 @@ def build_base_model(path, config=BaseModelConfig(), num_check_seeds=8, num_infe
         "train_seconds": round(train_seconds, 1),
         "scaling_factor": scaling_factor,
         "reconstruction": reconstruction,
-        "samples": {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                    **_summary(check, num_check_seeds)},
+        "samples": {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            **_summary(check, num_check_seeds),
+        },
     }
     _write_meta(path, meta)
     log(f"Base model saved to {path}: {json.dumps(meta, indent=2)}")
@@ -542,8 +585,15 @@ def sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale, ba
     for i in range(0, len(captions), batch_size):
         chunk = list(captions[i : i + batch_size])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        images = pipe(chunk, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, generator=generators, output_type="np").images  # fmt: skip
+        images = pipe(
+            chunk,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="np",
+        ).images
         out.append(np.round(images * 255).astype(np.uint8))
     return np.concatenate(out) / 255.0
 
@@ -578,16 +628,29 @@ def write_pairs_parquet(folder, captions, images_0, images_1, labels):
 PAIR_SEED_OFFSET = 1_000_000
 
 
-def sample_pair_images(pipe, num_pairs, num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
-                       cache_path=None, fingerprint=""):  # fmt: skip
+def sample_pair_images(
+    pipe,
+    num_pairs,
+    num_inference_steps=NUM_INFERENCE_STEPS,
+    guidance_scale=GUIDANCE_SCALE,
+    cache_path=None,
+    fingerprint="",
+):
     """Two samples per prompt (different seeds), prompts cycling through ALL_CAPTIONS.
 
     Returns (captions (N,), images_0, images_1 each (N, 32, 32, 3) in [0, 1]). With `cache_path` (an .npz), the
     samples are stored there and read back while the settings and `fingerprint` (the base model's) match, so pair
     sets labelled by other rewards, or with flipped labels, share the same images.
     """
-    settings = json.dumps({"num_pairs": num_pairs, "num_inference_steps": num_inference_steps,
-                           "guidance_scale": guidance_scale, "base": fingerprint}, sort_keys=True)  # fmt: skip
+    settings = json.dumps(
+        {
+            "num_pairs": num_pairs,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "base": fingerprint,
+        },
+        sort_keys=True,
+    )
     captions = [ALL_CAPTIONS[i % len(ALL_CAPTIONS)] for i in range(num_pairs)]
     if cache_path is not None and os.path.exists(cache_path):
         stored = np.load(cache_path)
@@ -597,14 +660,26 @@ def sample_pair_images(pipe, num_pairs, num_inference_steps=NUM_INFERENCE_STEPS,
     images = sample_images(pipe, captions + captions, seeds, num_inference_steps, guidance_scale)
     images_0, images_1 = images[:num_pairs], images[num_pairs:]
     if cache_path is not None:
-        to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
+
+        def to_uint8(x):
+            return np.round(x * 255).astype(np.uint8)
+
         np.savez(cache_path, settings=settings, images_0=to_uint8(images_0), images_1=to_uint8(images_1))
     return captions, images_0, images_1
 
 
-def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
-                          num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE, fingerprint="",
-                          flip_labels=False, image_cache=None, log=print):  # fmt: skip
+def make_preference_pairs(
+    pipe,
+    folder,
+    num_pairs,
+    reward_name=DEFAULT_REWARD,
+    num_inference_steps=NUM_INFERENCE_STEPS,
+    guidance_scale=GUIDANCE_SCALE,
+    fingerprint="",
+    flip_labels=False,
+    image_cache=None,
+    log=print,
+):
     """Sample two images per prompt from `pipe` (different seeds), label them by the reward, write parquet.
 
     Prompts cycle through ALL_CAPTIONS. Skipped if `folder` already holds pairs with the same fingerprint (pass
@@ -612,9 +687,15 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
     (the control: training on it must not raise the reward). `image_cache`: see `sample_pair_images`. Returns the
     pair metadata.
     """
-    settings = {"num_pairs": num_pairs, "reward": reward_name, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "base": fingerprint, "world_version": WORLD_VERSION,
-                "flip_labels": flip_labels}  # fmt: skip
+    settings = {
+        "num_pairs": num_pairs,
+        "reward": reward_name,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "base": fingerprint,
+        "world_version": WORLD_VERSION,
+        "flip_labels": flip_labels,
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta = _read_meta(folder)
     if meta is not None and meta.get("fingerprint") == key:
@@ -622,14 +703,18 @@ def make_preference_pairs(pipe, folder, num_pairs, reward_name=DEFAULT_REWARD,
         return meta
 
     start = time.time()
-    captions, images_0, images_1 = sample_pair_images(pipe, num_pairs, num_inference_steps, guidance_scale,
-                                                      image_cache, fingerprint)  # fmt: skip
+    captions, images_0, images_1 = sample_pair_images(
+        pipe, num_pairs, num_inference_steps, guidance_scale, image_cache, fingerprint
+    )
     rewards_0 = reward_of(reward_name, images_0, captions)
     rewards_1 = reward_of(reward_name, images_1, captions)
     if flip_labels:
         rewards_0, rewards_1 = rewards_1, rewards_0
     labels = [_label(r0, r1) for r0, r1 in zip(rewards_0, rewards_1)]
-    to_uint8 = lambda x: np.round(x * 255).astype(np.uint8)
+
+    def to_uint8(x):
+        return np.round(x * 255).astype(np.uint8)
+
     write_pairs_parquet(folder, captions, to_uint8(images_0), to_uint8(images_1), labels)
     gap = np.abs(rewards_0 - rewards_1)
     meta = {
@@ -654,8 +739,14 @@ def eval_prompts(num_seeds):
     return captions, seeds
 
 
-def evaluate(pipe, captions, seeds, reward_name=DEFAULT_REWARD, num_inference_steps=NUM_INFERENCE_STEPS,
-             guidance_scale=GUIDANCE_SCALE):  # fmt: skip
+def evaluate(
+    pipe,
+    captions,
+    seeds,
+    reward_name=DEFAULT_REWARD,
+    num_inference_steps=NUM_INFERENCE_STEPS,
+    guidance_scale=GUIDANCE_SCALE,
+):
     """Sample `pipe` once per (captions[i], seeds[i]) and score the samples.
 
     Returns {"images": (N, 32, 32, 3), "captions", "rewards": (N,), "mean_reward", "fidelity", "quality"}.

@@ -60,7 +60,10 @@ def load_pairs(pipe, pairs_dir, num_pairs):
 
     table = pq.read_table(os.path.join(pairs_dir, "train-00000-of-00001.parquet")).to_pylist()
     rows = [r for r in table if r["label_0"] in (0.0, 1.0)][:num_pairs]
-    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def decode(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
     winners = [decode(r["jpg_0"] if r["label_0"] == 1.0 else r["jpg_1"]) for r in rows]
     losers = [decode(r["jpg_1"] if r["label_0"] == 1.0 else r["jpg_0"]) for r in rows]
     pixels = world._to_model_range(np.stack(winners + losers))
@@ -77,9 +80,16 @@ def flat_dot(a, b):
 def measure(pipe, x0, embeddings, source, inverse_scheduler, timesteps, direction, seed):
     alphas_cumprod = inverse_scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(seed)
-    latents, target = inpo_utils.source_latents(x0=x0, timesteps=timesteps, inversion_unet=pipe.unet,
-                                                encoder_hidden_states=embeddings, inverse_scheduler=inverse_scheduler,
-                                                alphas_cumprod=alphas_cumprod, generator=generator, **source)  # fmt: skip
+    latents, target = inpo_utils.source_latents(
+        x0=x0,
+        timesteps=timesteps,
+        inversion_unet=pipe.unet,
+        encoder_hidden_states=embeddings,
+        inverse_scheduler=inverse_scheduler,
+        alphas_cumprod=alphas_cumprod,
+        generator=generator,
+        **source,
+    )
     reference = pipe.unet(latents, timesteps, embeddings).sample
     residual_w, residual_l = (target - reference).chunk(2)
     push = flat_dot(residual_w - residual_l, direction) / direction.norm()
@@ -95,8 +105,9 @@ def predicted_grid_coefficient(inverse_scheduler, timesteps):
     alphas_cumprod = inverse_scheduler.alphas_cumprod
     grid = inverse_scheduler.timesteps
     below = [grid[grid < t] for t in timesteps.tolist()]
-    a_tau = torch.stack([alphas_cumprod[g.max()] if len(g) else inverse_scheduler.initial_alpha_cumprod
-                         for g in below])  # fmt: skip
+    a_tau = torch.stack(
+        [alphas_cumprod[g.max()] if len(g) else inverse_scheduler.initial_alpha_cumprod for g in below]
+    )
     a_t = alphas_cumprod[timesteps]
     return float(((a_tau.sqrt() - a_t.sqrt()) / (1 - a_t).sqrt()).mean())
 
@@ -112,8 +123,10 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     timesteps = torch.randint(0, inverse_scheduler.config.num_train_timesteps, (num_pairs,), generator=generator)
     timesteps = timesteps.repeat(2)  # the same t for both images of a pair, as in training
-    print(f"{num_pairs} pairs, t ~ U{{0..999}}; predicted x0 coefficient of the grid target: "
-          f"{predicted_grid_coefficient(inverse_scheduler, timesteps[:num_pairs]):.4f}")
+    print(
+        f"{num_pairs} pairs, t ~ U{{0..999}}; predicted x0 coefficient of the grid target: "
+        f"{predicted_grid_coefficient(inverse_scheduler, timesteps[:num_pairs]):.4f}"
+    )
     print("| latent source | x0 coefficient of ε* | push along preference, <δ,b>/|b| | pairs pushed the wrong way |")
     print("|---|---:|---:|---:|")
     for name, source in SOURCES.items():

@@ -54,7 +54,14 @@ METHODS = {
 DEFAULT_METHODS = ["inpo_grid", "inpo_exact", "diffusion_dpo", "inverted_noise"]
 
 # --quick: every stage runs, on sizes that only check the plumbing (the numbers mean nothing).
-QUICK = {"num_pairs": 16, "max_train_steps": 4, "eval_every": 2, "eval_seeds": 1, "train_batch_size": 2, "num_inference_steps": 4}
+QUICK = {
+    "num_pairs": 16,
+    "max_train_steps": 4,
+    "eval_every": 2,
+    "eval_seeds": 1,
+    "train_batch_size": 2,
+    "num_inference_steps": 4,
+}
 QUICK_BASE = world.BaseModelConfig(num_train_images=256, vae_steps=20, unet_steps=20)
 
 
@@ -64,26 +71,45 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="Tiny sizes everywhere; outputs in OUT_DIR/quick.")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--reward", choices=sorted(world.REWARDS), default=world.DEFAULT_REWARD)
-    parser.add_argument("--flipped_labels", action="store_true",
-                        help="Control: the same pairs with the labels swapped; the reward must not rise.")
+    parser.add_argument(
+        "--flipped_labels",
+        action="store_true",
+        help="Control: the same pairs with the labels swapped; the reward must not rise.",
+    )
     parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs sampled from the base model.")
     parser.add_argument("--max_train_steps", type=int, default=200)
     parser.add_argument("--eval_every", type=int, default=50, help="Checkpoint (and evaluation) interval in steps.")
     parser.add_argument("--eval_seeds", type=int, default=8, help="Evaluation seeds per caption (12 captions).")
     parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=3e-4,
-                        help="From sweep_alignment.py: the largest InPO gain at which no aligning method collapsed.")
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=3e-4,
+        help="From sweep_alignment.py: the largest InPO gain at which no aligning method collapsed.",
+    )
     parser.add_argument("--beta_dpo", type=float, default=1000.0)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="Training seed; also the base model's unless --base_seed.")
-    parser.add_argument("--base_seed", type=int, default=None,
-                        help="Seed of the base model (and so of its pairs): repeat training seeds on one world.")
-    parser.add_argument("--inversion_model", choices=("policy", "reference"), default=None,
-                        help="Default: train_inpo.py's (the methods that need one override it).")
+    parser.add_argument(
+        "--base_seed",
+        type=int,
+        default=None,
+        help="Seed of the base model (and so of its pairs): repeat training seeds on one world.",
+    )
+    parser.add_argument(
+        "--inversion_model",
+        choices=("policy", "reference"),
+        default=None,
+        help="Default: train_inpo.py's (the methods that need one override it).",
+    )
     parser.add_argument("--inversion_steps", type=int, default=10)
     parser.add_argument("--inversion_eta", type=float, default=None, help="Default: train_inpo.py's.")
-    parser.add_argument("--num_inference_steps", type=int, default=world.NUM_INFERENCE_STEPS,
-                        help="DDIM steps for pairs and evaluation.")
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=world.NUM_INFERENCE_STEPS,
+        help="DDIM steps for pairs and evaluation.",
+    )
     parser.add_argument("--guidance_scale", type=float, default=world.GUIDANCE_SCALE)
     args = parser.parse_args(argv)
     if args.quick:
@@ -100,25 +126,43 @@ def base_config(args):
 
 def train_command(args, method, base_dir, pairs_dir, run_dir):
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
         os.path.join(REPO_ROOT, "train_inpo.py"),
-        "--pretrained_model_name_or_path", base_dir,
-        "--dataset_name", pairs_dir,
-        "--output_dir", run_dir,
-        "--resolution", str(world.IMAGE_SIZE),
-        "--train_batch_size", str(args.train_batch_size),
-        "--max_train_steps", str(args.max_train_steps),
-        "--learning_rate", str(args.learning_rate),
-        "--beta_dpo", str(args.beta_dpo),
-        "--rank", str(args.rank),
-        "--seed", str(args.seed),
-        "--report_to", "none",
-        "--checkpointing_steps", str(args.eval_every),
-        "--inversion_steps", str(args.inversion_steps),
+        "--pretrained_model_name_or_path",
+        base_dir,
+        "--dataset_name",
+        pairs_dir,
+        "--output_dir",
+        run_dir,
+        "--resolution",
+        str(world.IMAGE_SIZE),
+        "--train_batch_size",
+        str(args.train_batch_size),
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--beta_dpo",
+        str(args.beta_dpo),
+        "--rank",
+        str(args.rank),
+        "--seed",
+        str(args.seed),
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        str(args.eval_every),
+        "--inversion_steps",
+        str(args.inversion_steps),
         *(["--inversion_model", args.inversion_model] if args.inversion_model else []),
         *(["--inversion_eta", str(args.inversion_eta)] if args.inversion_eta is not None else []),
         *METHODS[method],
-    ]  # fmt: skip
+    ]
 
 
 def train(args, method, base_dir, pairs_dir, run_dir):
@@ -174,7 +218,8 @@ def evaluate_method(pipe, args, run_dir, captions, seeds, base_rewards):
 
 def markdown_table(args, results, base_meta, pairs_meta, num_eval_images):
     lines = [
-        f"# Alignment benchmark: reward `{args.reward}`" + (", flipped labels (control)" if args.flipped_labels else ""),
+        f"# Alignment benchmark: reward `{args.reward}`"
+        + (", flipped labels (control)" if args.flipped_labels else ""),
         "",
         f"{args.num_pairs} pairs sampled from the base model (labels {pairs_meta['label_counts']}, mean reward gap "
         f"{pairs_meta['mean_reward_gap']}); every method: batch {args.train_batch_size}, β {args.beta_dpo:g}, "
@@ -185,15 +230,19 @@ def markdown_table(args, results, base_meta, pairs_meta, num_eval_images):
         f"{args.num_inference_steps} DDIM steps, guidance {args.guidance_scale:g}. Base model: fidelity "
         f"{base_meta['samples']['fidelity']:.3f}, built in {base_meta['train_seconds']} s.",
         "",
-        ("| method | step | mean reward | win rate vs base | fidelity (chance 0.25) | background roughness "
-         "(lower is cleaner) | train wall time (s) |"),
+        (
+            "| method | step | mean reward | win rate vs base | fidelity (chance 0.25) | background roughness "
+            "(lower is cleaner) | train wall time (s) |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, result in results.items():
         seconds = f"{result['train_seconds']:.0f}" if "train_seconds" in result else "–"
         for row in result["rows"]:
-            lines.append(f"| {method} | {row['step']} | {row['mean_reward']:.4f} | {row['win_rate']:.3f} | "
-                         f"{row['fidelity']:.3f} | {row['quality']:.4f} | {seconds} |")  # fmt: skip
+            lines.append(
+                f"| {method} | {row['step']} | {row['mean_reward']:.4f} | {row['win_rate']:.3f} | "
+                f"{row['fidelity']:.3f} | {row['quality']:.4f} | {seconds} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -229,8 +278,9 @@ def plot_grid(samples, eval_seeds, path):
     import matplotlib.pyplot as plt
 
     captions = world.ALL_CAPTIONS
-    fig, axes = plt.subplots(len(samples), len(captions), figsize=(1.1 * len(captions), 1.3 * len(samples)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(samples), len(captions), figsize=(1.1 * len(captions), 1.3 * len(samples)), squeeze=False
+    )
     for row, (name, images) in enumerate(samples.items()):
         for col, caption in enumerate(captions):
             ax = axes[row, col]
@@ -247,8 +297,11 @@ def plot_grid(samples, eval_seeds, path):
 
 
 def sampling_kwargs(args):
-    return {"reward_name": args.reward, "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale}  # fmt: skip
+    return {
+        "reward_name": args.reward,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+    }
 
 
 def prepare_world(args, model_config=None):
@@ -260,14 +313,24 @@ def prepare_world(args, model_config=None):
     diffusers_logging.disable_progress_bar()
     os.makedirs(args.out_dir, exist_ok=True)
     base_dir, pairs_dir = os.path.join(args.out_dir, "base_model"), os.path.join(args.out_dir, "pairs", run_tag(args))
-    base_meta = world.build_base_model(base_dir, model_config or base_config(args),
-                                       num_inference_steps=args.num_inference_steps,
-                                       guidance_scale=args.guidance_scale)  # fmt: skip
+    base_meta = world.build_base_model(
+        base_dir,
+        model_config or base_config(args),
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+    )
     pipe = world.load_pipeline(base_dir)
-    pairs_meta = world.make_preference_pairs(pipe, pairs_dir, args.num_pairs, args.reward, args.num_inference_steps,
-                                             args.guidance_scale, fingerprint=base_meta["fingerprint"],
-                                             flip_labels=args.flipped_labels,
-                                             image_cache=os.path.join(args.out_dir, "pair_images.npz"))  # fmt: skip
+    pairs_meta = world.make_preference_pairs(
+        pipe,
+        pairs_dir,
+        args.num_pairs,
+        args.reward,
+        args.num_inference_steps,
+        args.guidance_scale,
+        fingerprint=base_meta["fingerprint"],
+        flip_labels=args.flipped_labels,
+        image_cache=os.path.join(args.out_dir, "pair_images.npz"),
+    )
     return pipe, base_meta, pairs_meta, (base_dir, pairs_dir)
 
 
@@ -304,8 +367,17 @@ def main(argv=None, model_config=None):
     plot_curves(results, f"{prefix}_reward.png", args.reward)
     plot_grid(samples, args.eval_seeds, f"{prefix}_grid.png")
     with open(f"{prefix}_results.json", "w") as f:
-        json.dump({"args": vars(args), "base_model": base_meta, "pairs": pairs_meta, "results": results,
-                   "total_seconds": round(time.time() - start, 1)}, f, indent=2)  # fmt: skip
+        json.dump(
+            {
+                "args": vars(args),
+                "base_model": base_meta,
+                "pairs": pairs_meta,
+                "results": results,
+                "total_seconds": round(time.time() - start, 1),
+            },
+            f,
+            indent=2,
+        )
     print(f"Wrote {prefix}_{{table.md,reward.png,grid.png,results.json}} ({time.time() - start:.0f} s in all)")
     return results
 

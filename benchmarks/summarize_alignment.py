@@ -56,28 +56,42 @@ def rows_of(found):
             last = result["rows"][-1]
             control = control_run["results"].get(method)
             control_base = control_run["results"]["base"]["rows"][0] if control else None
-            rows.append({
-                "method": method, "reward": reward, "seed": seed, "base_reward": base["mean_reward"], "gains": gains,
-                "control_gain": control["rows"][-1]["mean_reward"] - control_base["mean_reward"] if control else None,
-                "fidelity": last["fidelity"], "base_fidelity": base["fidelity"],
-                "quality": last["quality"], "base_quality": base["quality"],
-                "seconds_per_step": result["train_seconds"] / max(gains),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "reward": reward,
+                    "seed": seed,
+                    "base_reward": base["mean_reward"],
+                    "gains": gains,
+                    "control_gain": control["rows"][-1]["mean_reward"] - control_base["mean_reward"]
+                    if control
+                    else None,
+                    "fidelity": last["fidelity"],
+                    "base_fidelity": base["fidelity"],
+                    "quality": last["quality"],
+                    "base_quality": base["quality"],
+                    "seconds_per_step": result["train_seconds"] / max(gains),
+                }
+            )
     return rows
 
 
 def markdown(rows):
     lines = [
-        ("| method | reward (base) | seed | gain at each evaluated step | control gain, last step | fidelity (base) "
-         "| roughness ×1000 (base) | s / step |"),
+        (
+            "| method | reward (base) | seed | gain at each evaluated step | control gain, last step | fidelity (base) "
+            "| roughness ×1000 (base) | s / step |"
+        ),
         "|---|---|---:|---|---:|---|---|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["reward"], r["method"], r["seed"])):
         gains = " / ".join(f"{g:+.3f}" for _, g in sorted(r["gains"].items()))
         control = "–" if r["control_gain"] is None else f"{r['control_gain']:+.3f}"
-        lines.append(f"| {r['method']} | {r['reward']} ({r['base_reward']:.3f}) | {r['seed']} | {gains} | {control} | "
-                     f"{r['fidelity']:.3f} ({r['base_fidelity']:.3f}) | {1000 * r['quality']:.2f} "
-                     f"({1000 * r['base_quality']:.2f}) | {r['seconds_per_step']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['reward']} ({r['base_reward']:.3f}) | {r['seed']} | {gains} | {control} | "
+            f"{r['fidelity']:.3f} ({r['base_fidelity']:.3f}) | {1000 * r['quality']:.2f} "
+            f"({1000 * r['base_quality']:.2f}) | {r['seconds_per_step']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

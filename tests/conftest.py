@@ -114,8 +114,18 @@ def launch(script, *args, check=True):
 
 def accelerate_launch(script, *args, check=True, cwd=REPO):
     """Run a training script the way users do, through `accelerate launch` in its own process, on the CPU."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "--num_cpu_threads_per_process", "1", script, *map(str, args)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--num_cpu_threads_per_process",
+        "1",
+        script,
+        *map(str, args),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600, check=False)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -126,16 +136,28 @@ def accelerate_launch(script, *args, check=True, cwd=REPO):
 
 # ZeRO-2 on every process, as accelerate_configs/deepspeed_zero2.yaml sets it (without accumulation or fp16).
 DEEPSPEED_ZERO2_ENV = {
-    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
-    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
-    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+    "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
     "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
-}  # fmt: skip
+}
 
 # Workers are forked from a server that imported these once: a fresh interpreter per process would pay ~12 s of
 # CPU for the imports alone, twice per two-process run.
-_PRELOAD = ["torch", "diffusers", "transformers", "peft", "accelerate", "deepspeed", "inpo_utils", "train_inpo",
-            "train_inpo_sdxl"]  # fmt: skip
+_PRELOAD = [
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "inpo_utils",
+    "train_inpo",
+    "train_inpo_sdxl",
+]
 _forkserver = None
 
 
@@ -178,8 +200,13 @@ def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=6
     environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), so accelerate runs MULTI_CPU. With `deepspeed`, ZeRO-2 through
     tests/deepspeed_cpu.py. stdout and stderr are those of all processes, rank 0 first."""
     context = _process_context()
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
-              "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    common = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "OMP_NUM_THREADS": "1",
+    }
     common.update(DEEPSPEED_ZERO2_ENV if deepspeed else {"ACCELERATE_USE_CPU": "1"})
     shim = [os.path.join(REPO, "tests", "deepspeed_cpu.py")] if deepspeed else []
     argv = [*shim, os.path.join(REPO, script), *map(str, args)]
@@ -214,10 +241,19 @@ def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=6
 def tiny_run_args(model, data, output_dir, steps=4, **overrides):
     """Flags for a few-step tiny run; keyword overrides replace or add flags (True adds a bare switch)."""
     flags = {
-        "pretrained_model_name_or_path": model, "dataset_name": data, "output_dir": output_dir,
-        "resolution": 32, "train_batch_size": 2, "max_train_steps": steps, "learning_rate": 1e-3,
-        "beta_dpo": 500, "rank": 4, "seed": 0, "report_to": "tensorboard", "checkpointing_steps": 1000,
-    }  # fmt: skip
+        "pretrained_model_name_or_path": model,
+        "dataset_name": data,
+        "output_dir": output_dir,
+        "resolution": 32,
+        "train_batch_size": 2,
+        "max_train_steps": steps,
+        "learning_rate": 1e-3,
+        "beta_dpo": 500,
+        "rank": 4,
+        "seed": 0,
+        "report_to": "tensorboard",
+        "checkpointing_steps": 1000,
+    }
     flags.update(overrides)
     args = []
     for name, value in flags.items():

@@ -18,9 +18,26 @@ ASSET = os.path.join(
 )
 # "default": no method flags, so whatever train_inpo.py defaults to is what is tested. lr and β as in the README's
 # variant table.
-RUN = ["--methods", "default", "--num_pairs", "128", "--num_inference_steps", "10", "--max_train_steps", "30",
-       "--eval_every", "30", "--eval_seeds", "4", "--train_batch_size", "8", "--learning_rate", "1e-3",
-       "--beta_dpo", "5000"]  # fmt: skip
+RUN = [
+    "--methods",
+    "default",
+    "--num_pairs",
+    "128",
+    "--num_inference_steps",
+    "10",
+    "--max_train_steps",
+    "30",
+    "--eval_every",
+    "30",
+    "--eval_seeds",
+    "4",
+    "--train_batch_size",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--beta_dpo",
+    "5000",
+]
 MIN_WIN_RATE = 0.7  # of 48 paired samples (same prompt and initial noise); 0.5 ± 0.07 if training did nothing
 MAX_FIDELITY_DROP = 0.15
 

@@ -13,8 +13,13 @@ from conftest import launch, read_scalars, tiny_run_args
 
 
 def cache_args(model, data, cache_dir, **overrides):
-    flags = {"latent_source": "inversion", "inversion_eta": 0.0, "inversion_cache_dir": cache_dir, "cache_shard_size": 3,
-             "cache_dtype": "fp32"}  # fmt: skip
+    flags = {
+        "latent_source": "inversion",
+        "inversion_eta": 0.0,
+        "inversion_cache_dir": cache_dir,
+        "cache_shard_size": 3,
+        "cache_dtype": "fp32",
+    }
     flags.update(overrides)
     return train_inpo.parse_args(tiny_run_args(model, data, os.path.join(cache_dir, "out"), **flags))
 
@@ -75,16 +80,28 @@ def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, ca
     assert bytes_per_pair == pytest.approx(sum(os.path.getsize(p) for p in pairs.shards) / 8)
 
 
-@pytest.mark.parametrize("endpoint, latent_source, cache_timesteps", [
-    ("grid", "inversion", "grid"), ("exact", "inversion", "grid"),
-    ("exact", "inverted_noise", "grid"), ("exact", "inverted_noise", "per_pair"),
-])  # fmt: skip
-def test_cached_loss_equals_online_loss_with_reference_inversion(tiny_sd, pickapic, tmp_path, endpoint, latent_source,
-                                                                 cache_timesteps):  # fmt: skip
+@pytest.mark.parametrize(
+    "endpoint, latent_source, cache_timesteps",
+    [
+        ("grid", "inversion", "grid"),
+        ("exact", "inversion", "grid"),
+        ("exact", "inverted_noise", "grid"),
+        ("exact", "inverted_noise", "per_pair"),
+    ],
+)
+def test_cached_loss_equals_online_loss_with_reference_inversion(
+    tiny_sd, pickapic, tmp_path, endpoint, latent_source, cache_timesteps
+):
     from peft import LoraConfig
 
-    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), inversion_endpoint=endpoint,
-                      latent_source=latent_source, cache_timesteps=cache_timesteps)  # fmt: skip
+    args = cache_args(
+        tiny_sd,
+        pickapic,
+        str(tmp_path / "cache"),
+        inversion_endpoint=endpoint,
+        latent_source=latent_source,
+        cache_timesteps=cache_timesteps,
+    )
     accelerator, scheduler_config, unet = precompute_in_process(args)
     manifest = inpo_utils.read_cache_manifest(
         args.inversion_cache_dir, inpo_utils.cache_fingerprint(args, scheduler_config, False)
@@ -182,7 +199,10 @@ def test_cache_flags_that_contradict_are_refused(tmp_path):
             tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy")
         )
     with pytest.raises(ValueError, match="cannot be cached"):
-        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c",
-                                            latent_source="inverted_noise", fresh_noise_mix=0.5))  # fmt: skip
+        train_inpo.parse_args(
+            tiny_run_args(
+                "m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="inverted_noise", fresh_noise_mix=0.5
+            )
+        )
     with pytest.raises(ValueError, match="needs --inversion_cache_dir"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), precompute_inversion_cache=True))
