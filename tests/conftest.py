@@ -24,7 +24,18 @@ import torch
 
 
 torch.set_num_threads(1)
+import datasets  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+
+def _shorten_datasets_thread_shutdown_sleep():
+    """datasets sleeps 5 s whenever a streamed parquet file's iterator ends (every epoch), to let pyarrow's reader
+    threads exit (apache/arrow#45214). Nothing for a real dataset; for the 8-pair test files it was most of the
+    streaming tests' wall time, with the CPU idle. A fraction of a second is ample for files this small."""
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2
+
+
+_shorten_datasets_thread_shutdown_sleep()
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +189,7 @@ def _free_port():
 def _run_rank(argv, env, stdout_path, stderr_path):
     """One process of a multi-process run: what torchrun would start, forked from the preloaded server."""
     os.environ.update(env)
+    _shorten_datasets_thread_shutdown_sleep()
     sys.stdout = open(stdout_path, "w", buffering=1)
     sys.stderr = open(stderr_path, "w", buffering=1)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
