@@ -20,7 +20,7 @@ from diffusers import DDIMInverseScheduler
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 INVERSION_ENDPOINTS = ("grid", "exact")
-LATENT_SOURCES = ("inversion", "forward", "inverted_noise")
+LATENT_SOURCES = ("inversion", "forward", "inverted_noise", "hybrid")
 NOISE_X0_PROJECTIONS = ("none", "remove")
 
 
@@ -106,6 +106,7 @@ def ddim_invert(
     generator=None,
     added_cond_kwargs=None,
     return_trajectory=False,
+    start_timestep=None,
 ):
     """Run DDIM inversion of clean latents `x0` up to (about) timestep `timesteps[i]`, per sample, without grad.
 
@@ -125,6 +126,8 @@ def ddim_invert(
         inverse_scheduler: from `make_inverse_scheduler`.
         added_cond_kwargs: optional dict of (N, ...) tensors (SDXL's `text_embeds`, `time_ids`).
         return_trajectory: also return the latents after every grid step (the inversion cache stores them).
+        start_timestep: optional grid point τ0: `x0` is then already at level τ0 (e.g. forward-noised, as
+            `hybrid_latents`) and the inversion continues from there over the grid points above τ0.
     Returns:
         (N, C, H, W) float32 inverted latents; with return_trajectory, also (K, N, C, H, W): entry k is the latent
         after the step onto grid point k (rows whose t is not above it keep their previous latent).
@@ -153,10 +156,12 @@ def ddim_invert(
         return latents + eta * _per_sample(std, latents) * noise
 
     latents = x0.float().clone()
-    landed = torch.full_like(timesteps, -1)  # -1: still at x0
+    landed = torch.full_like(timesteps, -1 if start_timestep is None else start_timestep)  # -1: still at x0
     trajectory = []
     with torch.no_grad():
         for grid_point in inverse_scheduler.timesteps.tolist():
+            if start_timestep is not None and grid_point <= start_timestep:
+                continue
             rows = (timesteps > grid_point).nonzero().flatten()
             if rows.numel() == 0:
                 continue
@@ -197,6 +202,55 @@ def implied_noise(x_inv, x0, timesteps, alphas_cumprod):
     """
     a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0)
     return (x_inv - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+
+
+def hybrid_start_timestep(forward_until, inverse_scheduler):
+    """τ0 for `hybrid_latents`: `forward_until` rounded down to a point of the inversion grid."""
+    grid = [point for point in inverse_scheduler.timesteps.tolist() if point <= forward_until]
+    return max(grid) if grid else 0
+
+
+def hybrid_latents(
+    unet,
+    x0,
+    timesteps,
+    noise,
+    start_timestep,
+    encoder_hidden_states,
+    inverse_scheduler,
+    eta=0.0,
+    endpoint="grid",
+    added_cond_kwargs=None,
+    generator=None,
+):
+    """Forward-noise up to τ0, DDIM-invert after: x_τ0 = √ᾱ_τ0·x0 + √(1−ᾱ_τ0)·ε, then `ddim_invert` from τ0 to t.
+
+    Rows with t ≤ τ0 are plain forward noising at t (Diffusion-DPO's latent); above τ0 the trajectory's low-noise
+    part, where DDIM inversion spreads noise worst over flat regions, is replaced by the forward process.
+
+    Args: x0, noise (N, C, H, W); timesteps (N,) long; start_timestep τ0, a grid point (`hybrid_start_timestep`);
+    the rest as `ddim_invert`. Returns (N, C, H, W) float32 latents; their implied noise is the target.
+    """
+    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device, torch.float32)
+    x0 = x0.float()
+    latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
+    rows = (timesteps > start_timestep).nonzero().flatten()
+    if rows.numel() == 0:
+        return latents
+    x_start = forward_noised(x0[rows], noise[rows], torch.full_like(rows, start_timestep), alphas_cumprod)
+    latents[rows] = ddim_invert(
+        unet,
+        x_start,
+        timesteps[rows],
+        encoder_hidden_states[rows],
+        inverse_scheduler,
+        eta=eta,
+        endpoint=endpoint,
+        generator=generator,
+        added_cond_kwargs={k: v[rows] for k, v in (added_cond_kwargs or {}).items()},
+        start_timestep=start_timestep,
+    )
+    return latents
 
 
 def remove_x0_component(noise, x0):
@@ -390,6 +444,7 @@ def source_latents(
     generator=None,
     x0_projection="remove",
     fresh_noise_mix=0.0,
+    hybrid_start=0,
 ):
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
@@ -398,6 +453,8 @@ def source_latents(
     latent_source="inverted_noise": the same forward formula with each image's own `inverted_noise` ε' (x0 part
     handled by `x0_projection`), mixed with a share `fresh_noise_mix` of pair-shared fresh noise
     (`mix_fresh_noise`). `endpoint` does not apply: the inversion always runs to the last grid point.
+    latent_source="hybrid": forward noising (pair-shared ε) up to the grid point `hybrid_start`, DDIM inversion
+    from there to t (`hybrid_latents`), target ε* = implied noise.
 
     Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
@@ -431,6 +488,21 @@ def source_latents(
         if fresh_noise_mix > 0:
             noise = mix_fresh_noise(noise, pair_shared_noise(x0, generator), fresh_noise_mix)
         return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
+    if latent_source == "hybrid":
+        latents = hybrid_latents(
+            inversion_unet,
+            x0,
+            timesteps,
+            pair_shared_noise(x0, generator),
+            hybrid_start,
+            encoder_hidden_states,
+            inverse_scheduler,
+            eta,
+            endpoint,
+            added_cond_kwargs,
+            generator,
+        )
+        return latents, implied_noise(latents, x0.float(), timesteps, alphas_cumprod)
     raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {latent_source!r}")
 
 
@@ -487,6 +559,8 @@ def inpo_step_loss(
     loss_type="sigmoid",
     x0_projection="remove",
     fresh_noise_mix=0.0,
+    hybrid_start=0,
+    timestep_range=None,
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
@@ -495,16 +569,16 @@ def inpo_step_loss(
         reference_unet: the frozen reference (called without grad).
         inversion_unet: the UNet that inverts (the policy for the authors' online InPO, or the reference).
         x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
-        timesteps: optional (B,) per-pair timesteps; sampled uniformly from {0, ..., T−1} when None.
-        latent_source, eta, endpoint, x0_projection, fresh_noise_mix: as `source_latents`.
+        timesteps: optional (B,) per-pair timesteps; when None, sampled uniformly from {low, ..., high−1} with
+            (low, high) = `timestep_range`, by default (0, T).
+        latent_source, eta, endpoint, x0_projection, fresh_noise_mix, hybrid_start: as `source_latents`.
     Returns: (loss, metrics) as `score_pairs`.
     """
     num_pairs = len(x0) // 2
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     if timesteps is None:
-        timesteps = torch.randint(
-            0, inverse_scheduler.config.num_train_timesteps, (num_pairs,), device=x0.device, generator=generator
-        )
+        low, high = timestep_range or (0, inverse_scheduler.config.num_train_timesteps)
+        timesteps = torch.randint(low, high, (num_pairs,), device=x0.device, generator=generator)
     timesteps = timesteps.to(x0.device).long().repeat(2)
     latents, noise = source_latents(
         x0,
@@ -520,6 +594,7 @@ def inpo_step_loss(
         generator,
         x0_projection,
         fresh_noise_mix,
+        hybrid_start,
     )
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
     reference_errors = reference_errors_at(

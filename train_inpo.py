@@ -169,7 +169,23 @@ def add_inpo_args(parser, default_beta):
         default="inverted_noise",
         help="inverted_noise (default, chosen on the alignment benchmark): forward noising with each image's own "
         "noise from one DDIM inversion to the last grid point (standardised; see --noise_x0_projection). "
-        "inversion: the paper's InPO, DDIM inversion up to t. forward: Diffusion-DPO's forward noising, same loss.",
+        "inversion: the paper's InPO, DDIM inversion up to t. forward: Diffusion-DPO's forward noising, same loss. "
+        "hybrid: forward noising up to --hybrid_forward_until, DDIM inversion from there to t.",
+    )
+    group.add_argument(
+        "--hybrid_forward_until",
+        type=int,
+        default=None,
+        help="With --latent_source hybrid (default 500): τ0, rounded down to the inversion grid; pairs with t ≤ τ0 are forward "
+        "noised as Diffusion-DPO's, above τ0 the forward-noised x_τ0 is DDIM-inverted on to t.",
+    )
+    group.add_argument(
+        "--timestep_range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="Sample training timesteps uniformly from [LOW, HIGH) instead of [0, T); online training only.",
     )
     group.add_argument(
         "--noise_x0_projection",
@@ -349,6 +365,14 @@ def validate_args(args):
         problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
     if args.fresh_noise_mix > 0 and args.latent_source != "inverted_noise":
         problems.append("--fresh_noise_mix mixes into the inverted noise; it needs --latent_source inverted_noise.")
+    if args.hybrid_forward_until is not None and args.latent_source != "hybrid":
+        problems.append(
+            "--hybrid_forward_until sets where the hybrid inversion starts; it needs --latent_source hybrid."
+        )
+    if args.hybrid_forward_until is not None and args.hybrid_forward_until < 0:
+        problems.append(f"--hybrid_forward_until must be >= 0, got {args.hybrid_forward_until}.")
+    if args.timestep_range is not None and not 0 <= args.timestep_range[0] < args.timestep_range[1]:
+        problems.append(f"--timestep_range LOW HIGH needs 0 <= LOW < HIGH, got {args.timestep_range}.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         problems.append("--proportion_empty_prompts must be in [0, 1].")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -376,10 +400,15 @@ def validate_args(args):
     if args.inversion_cache_dir is not None:
         if args.latent_source == "forward":
             problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
-        if args.fresh_noise_mix > 0:
+        if args.fresh_noise_mix > 0 or args.latent_source == "hybrid":
             problems.append(
-                "--fresh_noise_mix draws new noise every step, so the reference errors cannot be cached; "
-                "train online (without --inversion_cache_dir)."
+                "--fresh_noise_mix and --latent_source hybrid draw new noise every step, so the reference errors "
+                "cannot be cached; train online (without --inversion_cache_dir)."
+            )
+        if args.timestep_range is not None:
+            problems.append(
+                "The inversion cache fixes each pair's timesteps when it is written; --timestep_range applies to "
+                "online training only (drop --inversion_cache_dir)."
             )
         if args.inversion_model == "policy":
             problems.append(
@@ -414,6 +443,8 @@ def validate_args(args):
         args.inversion_model = "reference" if fixed_noise else "policy"
     if args.inversion_eta is None:
         args.inversion_eta = 0.0 if args.latent_source == "inverted_noise" else 0.1
+    if args.latent_source == "hybrid" and args.hybrid_forward_until is None:
+        args.hybrid_forward_until = 500
 
 
 def check_sharding(args, accelerator):
@@ -1111,6 +1142,8 @@ def compute_loss(
             loss_type=args.loss_type,
             x0_projection=args.noise_x0_projection,
             fresh_noise_mix=args.fresh_noise_mix,
+            hybrid_start=inpo_utils.hybrid_start_timestep(args.hybrid_forward_until or 0, inverse_scheduler),
+            timestep_range=args.timestep_range,
         )
 
 
@@ -1361,7 +1394,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}{f"; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}) |
+| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}{f"; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}{f"; forward noising up to t = {args.hybrid_forward_until}" if args.latent_source == "hybrid" else ""}{f"; timesteps in {args.timestep_range}" if args.timestep_range else ""}) |
 | train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
 | resolution | {args.resolution} |
 
@@ -1576,6 +1609,11 @@ def main(argv=None):
     accelerator = make_accelerator(args)
     scheduler_config, pairs, collate_fn, dataset, frozen, unet = check_and_load(args, accelerator)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
+    if args.timestep_range is not None and args.timestep_range[1] > scheduler_config["num_train_timesteps"]:
+        raise ValueError(
+            f"--timestep_range {args.timestep_range} reaches past the scheduler's "
+            f"{scheduler_config['num_train_timesteps']} training timesteps; lower HIGH."
+        )
     if args.precompute_inversion_cache:
         reference = unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype_of(accelerator)).eval()
         fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, IS_SDXL)

@@ -50,6 +50,25 @@ METHODS = {
     "inverted_noise": [*INVERTED_NOISE, "--noise_x0_projection", "remove"],
     "inverted_noise_keep_x0": [*INVERTED_NOISE, "--noise_x0_projection", "none"],
     "inverted_noise_mix50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
+    "inverted_noise_k50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--inversion_steps", "50"],
+    "inverted_noise_t500_1000": [
+        *INVERTED_NOISE,
+        "--noise_x0_projection",
+        "remove",
+        "--timestep_range",
+        "500",
+        "1000",
+    ],
+    # The paper's exact endpoint, inverted deterministically by the frozen reference instead of the policy.
+    "inpo_exact_reference_eta0": [
+        *["--latent_source", "inversion", "--inversion_endpoint", "exact"],
+        *["--inversion_model", "reference", "--inversion_eta", "0"],
+    ],
+    # Forward noising up to t = 500 (the train script's default τ0), then exact DDIM inversion by the reference.
+    "hybrid": [
+        *["--latent_source", "hybrid", "--inversion_endpoint", "exact"],
+        *["--inversion_model", "reference", "--inversion_eta", "0"],
+    ],
 }
 DEFAULT_METHODS = ["inpo_grid", "inpo_exact", "diffusion_dpo", "inverted_noise"]
 
@@ -75,6 +94,12 @@ def parse_args(argv=None):
         "--flipped_labels",
         action="store_true",
         help="Control: the same pairs with the labels swapped; the reward must not rise.",
+    )
+    parser.add_argument(
+        "--results_tag",
+        default=None,
+        help="Appended to the output files' names, so that invocations with other --methods on the same reward and "
+        "seed do not overwrite each other (summarize_alignment.py merges them).",
     )
     parser.add_argument("--num_pairs", type=int, default=512, help="Preference pairs sampled from the base model.")
     parser.add_argument("--max_train_steps", type=int, default=200)
@@ -361,7 +386,8 @@ def main(argv=None, model_config=None):
 
     table = markdown_table(args, results, base_meta, pairs_meta, len(captions))
     print(table)
-    prefix = os.path.join(args.out_dir, f"alignment_{run_tag(args)}_seed{args.seed}")
+    tag = f"_{args.results_tag}" if args.results_tag else ""
+    prefix = os.path.join(args.out_dir, f"alignment_{run_tag(args)}_seed{args.seed}{tag}")
     with open(f"{prefix}_table.md", "w") as f:
         f.write(table)
     plot_curves(results, f"{prefix}_reward.png", args.reward)

@@ -117,6 +117,10 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"output_kohya_format": True, "train_mode": "full"}, "--output_kohya_format converts a LoRA"),
         ({"latent_source": "inverted_noise", "fresh_noise_mix": 1.5}, r"--fresh_noise_mix must be in \[0, 1\]"),
         ({"latent_source": "forward", "fresh_noise_mix": 0.5}, "needs --latent_source inverted_noise"),
+        ({"hybrid_forward_until": 300}, "needs --latent_source hybrid"),
+        ({"timestep_range": [600, 400]}, "needs 0 <= LOW < HIGH"),
+        ({"latent_source": "hybrid", "inversion_cache_dir": "cache"}, "draw new noise every step"),
+        ({"timestep_range": [0, 500], "inversion_cache_dir": "cache"}, "--timestep_range applies to online"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):

@@ -343,3 +343,35 @@ def test_inverted_noise_source_forward_noises_with_each_images_own_noise():
     fresh = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
     torch.testing.assert_close(mixed, mix_fresh_noise(noise, fresh, 0.5))  # one fresh draw shared by each pair
     torch.testing.assert_close(mixed_latents, forward_noised(x0, mixed, timesteps, scheduler.alphas_cumprod))
+
+
+def test_hybrid_start_is_rounded_down_to_the_inversion_grid():
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)  # grid 1, 101, ..., 901
+    assert [inpo_utils.hybrid_start_timestep(t, scheduler) for t in (0, 1, 500, 1000)] == [0, 1, 401, 901]
+
+
+@pytest.mark.parametrize("endpoint", ["grid", "exact"])
+def test_hybrid_latents_stay_on_the_forward_trajectory_under_an_oracle_model(endpoint):
+    """A model that predicts the true ε keeps DDIM inversion on x_s = √ᾱ_s·x0 + √(1−ᾱ_s)·ε, so the hybrid latent is
+    the forward-noised one at the level it ends on: t itself (exact, or t ≤ τ0), or the last grid point below t."""
+    torch.manual_seed(3)
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    x0, eps = torch.randn(4, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    unet, t = ConstantNoiseUNet(eps), torch.tensor([100, 401, 450, 999])
+    out = inpo_utils.hybrid_latents(
+        unet, x0, t, eps.expand_as(x0), 401, torch.zeros(4, 2, 16), scheduler, endpoint=endpoint
+    )
+    # grid: t ≤ τ0 = 401 is forward noised at t; 450 has no grid point in (401, 450) and stays at 401; 999 ends on 901
+    level = t if endpoint == "exact" else torch.tensor([100, 401, 401, 901])
+    torch.testing.assert_close(out, forward_noised(x0, eps.expand_as(x0), level, scheduler.alphas_cumprod))
+    called = torch.cat(unet.calls)
+    assert called.numel() > 0 and (called > 401).all()  # the model runs only above τ0
+
+
+def test_timestep_range_bounds_the_sampled_timesteps():
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    unet, x0 = tiny_unet(), torch.randn(8, 4, 8, 8)
+    for low, high in [(700, 701), (0, 1)]:
+        args = (unet, unet, unet, x0, torch.zeros(8, 2, 16), scheduler, 100.0)
+        _, metrics = inpo_utils.inpo_step_loss(*args, latent_source="forward", timestep_range=(low, high))
+        assert metrics["timestep"].item() == low

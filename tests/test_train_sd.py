@@ -131,3 +131,26 @@ def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupte
     assert sorted(part_losses) == [1, 2, 3, 4, 5, 6]
     for step in range(3, 7):
         assert part_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)
+
+
+def test_hybrid_latents_in_a_timestep_range_train_the_lora(tiny_sd, pickapic, tmp_path):
+    out = str(tmp_path / "run")
+    launch(
+        "train_inpo.py",
+        *tiny_run_args(
+            tiny_sd,
+            pickapic,
+            out,
+            steps=3,
+            latent_source="hybrid",
+            hybrid_forward_until=300,
+            timestep_range=[400, 700],
+        ),
+    )
+    assert_finite_losses(out, 3)
+    timesteps = read_scalars(out, "timestep")
+    assert len(timesteps) == 3 and all(400 <= t < 700 for t in timesteps.values())
+    weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "hybrid" in card and "forward noising up to t = 300" in card and "timesteps in [400, 700]" in card
