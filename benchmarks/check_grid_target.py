@@ -13,7 +13,8 @@ out), a positive push
 <δ, b> raises ε along b and so lowers x̂0 along b: it trains the model away from the preferred images.
 
 Prints, for each latent source on the same pairs and timesteps: the fitted x0 coefficient of the target (and the
-grid's predicted c), the mean push <δ, b>/|b|, and the fraction of pairs pushed the wrong way.
+grid's predicted c), the mean push <δ, b>/|b|, and the fraction of pairs pushed the wrong way; then the cosine
+similarity of ε* with x0 per timestep bin (how much of the image the regression target carries at each noise level).
 """
 
 import argparse
@@ -39,7 +40,10 @@ SOURCES = {
     "diffusion_dpo": {"latent_source": "forward"},
     "inverted_noise": {"latent_source": "inverted_noise", "x0_projection": "remove"},
     "inverted_noise_keep_x0": {"latent_source": "inverted_noise", "x0_projection": "none"},
+    "hybrid": {"latent_source": "hybrid", "endpoint": "exact", "hybrid_start": 401},  # τ0 = 500 on the K=10 grid
 }
+# Timestep bins of the ε*–x0 correlation table.
+BINS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 900), (900, 1000)]
 
 
 def parse_args(argv=None):
@@ -97,6 +101,7 @@ def measure(pipe, x0, embeddings, source, inverse_scheduler, timesteps, directio
         "target_x0_coefficient": float((flat_dot(target, x0) / flat_dot(x0, x0)).mean()),
         "mean_push": float(push.mean()),
         "wrong_way_fraction": float((push > 0).float().mean()),
+        "x0_correlation": flat_dot(target, x0) / (target.flatten(1).norm(dim=1) * x0.flatten(1).norm(dim=1)),
     }
 
 
@@ -129,9 +134,18 @@ def main(argv=None):
     )
     print("| latent source | x0 coefficient of ε* | push along preference, <δ,b>/|b| | pairs pushed the wrong way |")
     print("|---|---:|---:|---:|")
+    correlations = {}
     for name, source in SOURCES.items():
         m = measure(pipe, x0, embeddings, source, inverse_scheduler, timesteps, direction, args.seed)
+        correlations[name] = m["x0_correlation"]
         print(f"| {name} | {m['target_x0_coefficient']:.4f} | {m['mean_push']:+.4f} | {m['wrong_way_fraction']:.3f} |")
+    # How much of x0 the regression target carries, by timestep: 0 for independent noise (Diffusion-DPO's ε).
+    print("\nCosine similarity of ε* with x0 per image, mean by timestep bin:\n")
+    print("| latent source | " + " | ".join(f"t in [{low}, {high})" for low, high in BINS) + " |")
+    print("|---|" + "---:|" * len(BINS))
+    for name, correlation in correlations.items():
+        means = [correlation[(timesteps >= low) & (timesteps < high)].mean() for low, high in BINS]
+        print(f"| {name} | " + " | ".join(f"{float(m):+.3f}" for m in means) + " |")
 
 
 if __name__ == "__main__":

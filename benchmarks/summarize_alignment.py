@@ -56,6 +56,9 @@ def rows_of(found):
             last = result["rows"][-1]
             control = control_run["results"].get(method)
             control_base = control_run["results"]["base"]["rows"][0] if control else None
+            control_gains = (
+                {r["step"]: r["mean_reward"] - control_base["mean_reward"] for r in control["rows"]} if control else {}
+            )
             rows.append(
                 {
                     "method": method,
@@ -63,9 +66,9 @@ def rows_of(found):
                     "seed": seed,
                     "base_reward": base["mean_reward"],
                     "gains": gains,
-                    "control_gain": control["rows"][-1]["mean_reward"] - control_base["mean_reward"]
-                    if control
-                    else None,
+                    "control_gain": control_gains[max(control_gains)] if control else None,
+                    "control_gains": control_gains,
+                    "win_rate": last["win_rate"],
                     "fidelity": last["fidelity"],
                     "base_fidelity": base["fidelity"],
                     "quality": last["quality"],
@@ -95,12 +98,96 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
+def aggregate(rows):
+    """Per (reward, method) over its seeds: {steps: (mean, std) gain, control: (mean, std), fidelity, ...}."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["reward"], r["method"]), []).append(r)
+    summary = {}
+    for key, group in sorted(groups.items()):
+        steps = sorted(set.intersection(*(set(r["gains"]) for r in group)))
+        summary[key] = {
+            "seeds": sorted(r["seed"] for r in group),
+            "base_reward": group[0]["base_reward"],
+            "gains": {step: mean_std([r["gains"][step] for r in group]) for step in steps},
+            "control_gains": {step: mean_std([r["control_gains"].get(step) for r in group]) for step in steps},
+            "controls": sum(bool(r["control_gains"]) for r in group),
+            **{name: mean_std([r[name] for r in group])[0] for name in ("fidelity", "quality", "win_rate")},
+            "base_fidelity": group[0]["base_fidelity"],
+            "base_quality": group[0]["base_quality"],
+            "seconds_per_step": mean_std([r["seconds_per_step"] for r in group])[0],
+        }
+    return summary
+
+
+def aggregate_markdown(summary):
+    lines = [
+        "| method | reward (base) | seeds | gain at 50 / 100 steps, mean ± sd | control gain at 100 (runs) "
+        "| win rate | fidelity (base) | roughness ×1000 (base) | s / step |",
+        "|---|---|---|---|---|---:|---|---|---:|",
+    ]
+    for (reward, method), m in summary.items():
+        gains = " / ".join(f"{mean:+.3f} ± {sd:.3f}" for mean, sd in m["gains"].values())
+        last = max(m["gains"])
+        control_mean, control_sd = m["control_gains"][last]
+        control = "–" if control_mean is None else f"{control_mean:+.3f} ± {control_sd:.3f} ({m['controls']})"
+        lines.append(
+            f"| {method} | {reward} ({m['base_reward']:.3f}) | {','.join(map(str, m['seeds']))} | {gains} | "
+            f"{control} | {m['win_rate']:.2f} | {m['fidelity']:.3f} ({m['base_fidelity']:.3f}) | "
+            f"{1000 * m['quality']:.2f} ({1000 * m['base_quality']:.2f}) | {m['seconds_per_step']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, path):
+    """Mean gain against steps per method (solid) and its flipped-label control (dashed), one panel per reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = sorted({reward for reward, _ in summary})
+    figure, axes = plt.subplots(1, len(rewards), figsize=(6 * len(rewards), 4.5), squeeze=False)
+    for axis, reward in zip(axes[0], rewards):
+        for (r, method), m in summary.items():
+            if r != reward:
+                continue
+            steps = [0, *m["gains"]]
+            means = [0, *(mean for mean, _ in m["gains"].values())]
+            sds = [0, *(sd for _, sd in m["gains"].values())]
+            line = axis.errorbar(steps, means, yerr=sds, marker="o", capsize=3, label=f"{method} ({len(m['seeds'])})")
+            controls = [m["control_gains"][step][0] for step in m["gains"]]
+            if all(c is not None for c in controls):
+                axis.plot(steps, [0, *controls], linestyle="--", color=line[0].get_color(), alpha=0.7)
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_title(f"{reward}: gain over the base model (dashed: flipped labels)")
+        axis.set_xlabel("optimizer steps")
+        axis.set_ylabel("reward gain")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "out"))
+    parser.add_argument("--plot", default=None, help="Also write the mean-gain plot (PNG) here.")
     args = parser.parse_args(argv)
-    table = markdown(rows_of(load(args.out_dir)))
+    rows = rows_of(load(args.out_dir))
+    summary = aggregate(rows)
+    table = aggregate_markdown(summary) + "\nPer seed:\n\n" + markdown(rows)
     print(table)
+    if args.plot:
+        plot(summary, args.plot)
     return table
 
 
