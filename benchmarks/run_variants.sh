@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# README's variant table in one command: every run of benchmarks/run_alignment.py behind it (both rewards, each with
+# its flipped-label control; the default and Diffusion-DPO on 3 training seeds, the other variants on seed 0), two
+# runs at a time with one thread each, then benchmarks/summarize_alignment.py's table and plot.
+#
+#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; several hours on 2 CPU cores
+#   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
+#
+# Finished runs are not redone: a run whose results file exists is skipped, so an interrupted sweep can be resumed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/out/variants}"
+export OMP_NUM_THREADS=1
+export out common="--out_dir $out --learning_rate 1e-3 --beta_dpo 5000 --eval_seeds 4 --base_seed 0 --max_train_steps 100"
+
+jobs=()
+for reward in background_brightness edge_sharpness; do
+  for flip in "" --flipped_labels; do
+    for seed in 0 1 2; do
+      jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods inverted_noise diffusion_dpo --results_tag main")
+    done
+    for variant in hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 inpo_grid:authors \
+        inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref; do
+      jobs+=("--reward $reward${flip:+ $flip} --seed 0 --methods ${variant%%:*} --results_tag ${variant##*:}")
+    done
+  done
+done
+jobs+=("--reward background_brightness --seed 0 --methods inverted_noise_cached --results_tag cached")
+jobs+=("--reward background_brightness --flipped_labels --seed 0 --methods inverted_noise_cached --results_tag cached")
+
+if [ -n "${DRY_RUN:-}" ]; then
+  for line in "${jobs[@]}"; do echo "python benchmarks/run_alignment.py $common $line"; done
+  exit 0
+fi
+# The shipped base model (benchmarks/assets) and one sampling of 512 pairs serve every run.
+mkdir -p "$out"
+[ -d "$out/base_model" ] || cp -r benchmarks/assets/world_base_model "$out/base_model"
+python - "$out" <<'PY'
+import sys
+from benchmarks import run_alignment as ra
+for reward in ("background_brightness", "edge_sharpness"):
+    for flip in ([], ["--flipped_labels"]):
+        ra.prepare_world(ra.parse_args(["--out_dir", sys.argv[1], "--reward", reward, "--base_seed", "0", *flip]))
+PY
+
+run_one() {
+  local line="$1" tag reward flipped seed
+  reward=$(sed -E 's/.*--reward ([a-z_]+).*/\1/' <<<"$line")
+  seed=$(sed -E 's/.*--seed ([0-9]+).*/\1/' <<<"$line")
+  tag=$(sed -E 's/.*--results_tag ([a-z0-9_]+).*/\1/' <<<"$line")
+  flipped=$([[ "$line" == *--flipped_labels* ]] && echo _flipped || true)
+  if [ -f "$out/alignment_${reward}${flipped}_seed${seed}_${tag}_results.json" ]; then
+    return 0
+  fi
+  # shellcheck disable=SC2086  # the flags are words
+  python benchmarks/run_alignment.py $common $line >"$out/log_${reward}${flipped}_seed${seed}_${tag}.txt" 2>&1
+}
+export -f run_one
+printf '%s\n' "${jobs[@]}" | xargs -P 2 -I{} bash -c 'run_one "$1"' _ {}
+python benchmarks/summarize_alignment.py --out_dir "$out" --plot "$out/variants.png"

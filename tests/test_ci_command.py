@@ -1,0 +1,16 @@
+"""CI runs exactly the test command README shows (the guide's rule), in a fresh venv without site-packages."""
+
+import os
+import re
+
+from conftest import REPO
+
+
+def test_ci_runs_readmes_test_command_in_a_fresh_venv():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    commands = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    (test_command,) = [c.strip() for c in commands if "pytest" in c]
+    ci = open(os.path.join(REPO, ".ci", "run")).read()
+    assert ci.strip().splitlines()[-1] == test_command
+    assert "python -m venv" in ci and "system-site-packages" not in ci
+    assert "unset PYTHONPATH" in ci
