@@ -19,8 +19,8 @@ for reward in background_brightness edge_sharpness; do
     for seed in 0 1 2; do
       jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods inverted_noise diffusion_dpo --results_tag main")
     done
-    for variant in hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 inpo_grid:authors \
-        inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref; do
+    for variant in inpo_grid:authors hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 \
+        inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref inpo_exact:exact inverted_noise_k50:k50; do
       jobs+=("--reward $reward${flip:+ $flip} --seed 0 --methods ${variant%%:*} --results_tag ${variant##*:}")
     done
   done

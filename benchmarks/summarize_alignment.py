@@ -103,7 +103,9 @@ def mean_std(values):
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+    if len(values) == 1:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def aggregate(rows):
@@ -128,6 +130,10 @@ def aggregate(rows):
     return summary
 
 
+def plus_minus(mean, sd):
+    return f"{mean:+.3f}" if sd is None else f"{mean:+.3f} ± {sd:.3f}"
+
+
 def aggregate_markdown(summary):
     lines = [
         "| method | reward (base) | seeds | gain at 50 / 100 steps, mean ± sd | control gain at 100 (runs) "
@@ -135,10 +141,10 @@ def aggregate_markdown(summary):
         "|---|---|---|---|---|---:|---|---|---:|",
     ]
     for (reward, method), m in summary.items():
-        gains = " / ".join(f"{mean:+.3f} ± {sd:.3f}" for mean, sd in m["gains"].values())
+        gains = " / ".join(plus_minus(mean, sd) for mean, sd in m["gains"].values())
         last = max(m["gains"])
         control_mean, control_sd = m["control_gains"][last]
-        control = "–" if control_mean is None else f"{control_mean:+.3f} ± {control_sd:.3f} ({m['controls']})"
+        control = "–" if control_mean is None else f"{plus_minus(control_mean, control_sd)} ({m['controls']})"
         lines.append(
             f"| {method} | {reward} ({m['base_reward']:.3f}) | {','.join(map(str, m['seeds']))} | {gains} | "
             f"{control} | {m['win_rate']:.2f} | {m['fidelity']:.3f} ({m['base_fidelity']:.3f}) | "
@@ -162,7 +168,7 @@ def plot(summary, path):
                 continue
             steps = [0, *m["gains"]]
             means = [0, *(mean for mean, _ in m["gains"].values())]
-            sds = [0, *(sd for _, sd in m["gains"].values())]
+            sds = [0, *(sd or 0 for _, sd in m["gains"].values())]
             line = axis.errorbar(steps, means, yerr=sds, marker="o", capsize=3, label=f"{method} ({len(m['seeds'])})")
             controls = [m["control_gains"][step][0] for step in m["gains"]]
             if all(c is not None for c in controls):
