@@ -74,6 +74,7 @@ def rows_of(found):
                     "quality": last["quality"],
                     "base_quality": base["quality"],
                     "seconds_per_step": result["train_seconds"] / max(gains),
+                    "train_seconds": result["train_seconds"],
                 }
             )
     return rows
@@ -126,6 +127,7 @@ def aggregate(rows):
             "base_fidelity": group[0]["base_fidelity"],
             "base_quality": group[0]["base_quality"],
             "seconds_per_step": mean_std([r["seconds_per_step"] for r in group])[0],
+            "train_seconds": mean_std([r["train_seconds"] for r in group])[0],
         }
     return summary
 
@@ -137,8 +139,8 @@ def plus_minus(mean, sd):
 def aggregate_markdown(summary):
     lines = [
         "| method | reward (base) | seeds | gain at 50 / 100 steps, mean ± sd | control gain at 100 (runs) "
-        "| win rate | fidelity (base) | roughness ×1000 (base) | s / step |",
-        "|---|---|---|---|---|---:|---|---|---:|",
+        "| win rate | fidelity (base) | roughness ×1000 (base) | s / step | train s |",
+        "|---|---|---|---|---|---:|---|---|---:|---:|",
     ]
     for (reward, method), m in summary.items():
         gains = " / ".join(plus_minus(mean, sd) for mean, sd in m["gains"].values())
@@ -148,7 +150,8 @@ def aggregate_markdown(summary):
         lines.append(
             f"| {method} | {reward} ({m['base_reward']:.3f}) | {','.join(map(str, m['seeds']))} | {gains} | "
             f"{control} | {m['win_rate']:.2f} | {m['fidelity']:.3f} ({m['base_fidelity']:.3f}) | "
-            f"{1000 * m['quality']:.2f} ({1000 * m['base_quality']:.2f}) | {m['seconds_per_step']:.2f} |"
+            f"{1000 * m['quality']:.2f} ({1000 * m['base_quality']:.2f}) | {m['seconds_per_step']:.2f} | "
+            f"{m['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
