@@ -164,6 +164,8 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
 
     rewards = sorted({reward for reward, _ in summary})
+    methods = sorted({method for _, method in summary})
+    colours = {method: plt.cm.tab20(i % 20) for i, method in enumerate(methods)}
     figure, axes = plt.subplots(1, len(rewards), figsize=(6 * len(rewards), 4.5), squeeze=False)
     for axis, reward in zip(axes[0], rewards):
         for (r, method), m in summary.items():
@@ -172,12 +174,16 @@ def plot(summary, path):
             steps = [0, *m["gains"]]
             means = [0, *(mean for mean, _ in m["gains"].values())]
             sds = [0, *(sd or 0 for _, sd in m["gains"].values())]
-            line = axis.errorbar(steps, means, yerr=sds, marker="o", capsize=3, label=f"{method} ({len(m['seeds'])})")
+            width = 2.5 if method in ("inverted_noise", "diffusion_dpo") else 1.2  # the default and the baseline
+            label = f"{method} ({len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''})"
+            axis.errorbar(
+                steps, means, yerr=sds, marker="o", capsize=3, color=colours[method], linewidth=width, label=label
+            )
             controls = [m["control_gains"][step][0] for step in m["gains"]]
             if all(c is not None for c in controls):
-                axis.plot(steps, [0, *controls], linestyle="--", color=line[0].get_color(), alpha=0.7)
+                axis.plot(steps, [0, *controls], linestyle="--", color=colours[method], linewidth=width, alpha=0.6)
         axis.axhline(0, color="grey", linewidth=0.8)
-        axis.set_title(f"{reward}: gain over the base model (dashed: flipped labels)")
+        axis.set_title(f"{reward} (dashed: flipped-label control)")
         axis.set_xlabel("optimizer steps")
         axis.set_ylabel("reward gain")
         axis.legend(fontsize=7)
