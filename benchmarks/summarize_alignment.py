@@ -138,7 +138,7 @@ def plus_minus(mean, sd):
 
 def aggregate_markdown(summary):
     lines = [
-        "| method | reward (base) | seeds | gain at 50 / 100 steps, mean ± sd | control gain at 100 (runs) "
+        "| method | reward (base) | training seeds | gain at 50 / 100 steps, mean ± sd | control gain at 100 (runs) "
         "| win rate | fidelity (base) | roughness ×1000 (base) | s / step | train s |",
         "|---|---|---|---|---|---:|---|---|---:|---:|",
     ]
