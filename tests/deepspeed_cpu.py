@@ -11,15 +11,9 @@ final export) runs for real. Usage (ACCELERATE_USE_DEEPSPEED=true and ACCELERATE
 import runpy
 import sys
 
-import deepspeed.comm.torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
-
-# DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op (ninja + g++) the first time in every new
-# environment: 60-90 s of a CI run, for an op that only speeds up its allreduce. Without it the collectives go
-# through torch.distributed (gloo), which is what these tests check.
-deepspeed.comm.torch.build_shm_op = lambda: None
 
 PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
     "gloo",
