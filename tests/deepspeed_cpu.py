@@ -8,12 +8,19 @@ final export) runs for real. Usage (ACCELERATE_USE_DEEPSPEED=true and ACCELERATE
     torchrun --nproc_per_node 2 tests/deepspeed_cpu.py train_inpo.py ARGS...
 """
 
+import importlib
 import runpy
 import sys
 
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
+
+# DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op (ninja + g++, ~50 s) in every new environment,
+# an op that only speeds up its allreduce; without it the collectives go through gloo, which is what these tests
+# check. The module is looked up by its full name because `deepspeed.comm.torch` as an attribute is torch itself
+# (deepspeed.comm re-exports it), where a patch would change nothing.
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
     "gloo",
