@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # README's variant table in one command: every run of benchmarks/run_alignment.py behind it (both rewards, each with
-# its flipped-label control; the default and Diffusion-DPO on 3 training seeds, the other variants on seed 0), two
-# runs at a time with one thread each, then benchmarks/summarize_alignment.py's table and plot.
+# its flipped-label control, every method on 3 training seeds), two runs at a time with one thread each, then
+# benchmarks/summarize_alignment.py's table and plot.
 #
-#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; several hours on 2 CPU cores
+#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; about 10 hours on 2 CPU cores
 #   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
 #
 # Finished runs are not redone: a run whose results file exists is skipped, so an interrupted sweep can be resumed.
@@ -18,10 +18,11 @@ for reward in background_brightness edge_sharpness; do
   for flip in "" --flipped_labels; do
     for seed in 0 1 2; do
       jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods inverted_noise diffusion_dpo --results_tag main")
-    done
-    for variant in inpo_grid:authors hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 \
-        inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref inpo_exact:exact inverted_noise_k50:k50; do
-      jobs+=("--reward $reward${flip:+ $flip} --seed 0 --methods ${variant%%:*} --results_tag ${variant##*:}")
+      for variant in inpo_grid:authors hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 \
+          inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref inpo_exact:exact inverted_noise_k50:k50 \
+          inverted_noise_eta01:eta01 inverted_noise_policy:policy; do
+        jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods ${variant%%:*} --results_tag ${variant##*:}")
+      done
     done
   done
 done
