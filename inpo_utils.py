@@ -972,8 +972,15 @@ def cached_step_loss(
     added_cond_kwargs=None,
     loss_type="sigmoid",
     noise=None,
+    fresh_noise_mix=0.0,
+    reference_unet=None,
+    generator=None,
 ):
     """InPO loss and metrics for B pairs read from the cache: one policy forward, nothing else.
+
+    With `fresh_noise_mix` > 0 (inverted-noise cache only) the stored noise is mixed with pair-shared fresh noise
+    (`mix_fresh_noise`), as online training does, and e_ref is computed anew by `reference_unet` without grad:
+    the stored e_ref belongs to the unmixed noise. The inversion, the expensive part, still comes from the cache.
 
     Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
     inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
@@ -981,11 +988,19 @@ def cached_step_loss(
     """
     timesteps = timesteps.to(x0.device).long().repeat(2)
     alphas_cumprod = alphas_cumprod.to(x0.device)
+    if fresh_noise_mix > 0 and (noise is None or reference_unet is None):
+        raise ValueError("fresh_noise_mix needs an inverted-noise cache (`noise`) and the `reference_unet`.")
     if noise is None:
         noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
     else:
+        if fresh_noise_mix > 0:
+            noise = mix_fresh_noise(noise, pair_shared_noise(x0, generator), fresh_noise_mix)
         latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
     target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
+    if fresh_noise_mix > 0:
+        reference_errors = reference_errors_at(
+            reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
+        )
     return score_pairs(
         policy_unet,
         latents,

@@ -197,9 +197,10 @@ def add_inpo_args(parser, default_beta):
     group.add_argument(
         "--fresh_noise_mix",
         type=float,
-        default=0.0,
+        default=None,
         help="With --latent_source inverted_noise: λ in [0, 1]; the noise is √(1−λ)·inverted + √λ·fresh (fresh "
-        "noise shared by a pair, as Diffusion-DPO's).",
+        "noise shared by a pair, as Diffusion-DPO's). Default 0.5 with inverted_noise (as measured: the same gain "
+        "as 0, with fidelity kept on every seed), 0 otherwise.",
     )
     group.add_argument(
         "--loss_type",
@@ -361,9 +362,9 @@ def validate_args(args):
         problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
     if args.inversion_eta is not None and args.inversion_eta < 0:
         problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
-    if not 0 <= args.fresh_noise_mix <= 1:
+    if args.fresh_noise_mix is not None and not 0 <= args.fresh_noise_mix <= 1:
         problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
-    if args.fresh_noise_mix > 0 and args.latent_source != "inverted_noise":
+    if args.fresh_noise_mix and args.latent_source != "inverted_noise":
         problems.append("--fresh_noise_mix mixes into the inverted noise; it needs --latent_source inverted_noise.")
     if args.hybrid_forward_until is not None and args.latent_source != "hybrid":
         problems.append(
@@ -400,10 +401,10 @@ def validate_args(args):
     if args.inversion_cache_dir is not None:
         if args.latent_source == "forward":
             problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
-        if args.fresh_noise_mix > 0 or args.latent_source == "hybrid":
+        if args.latent_source == "hybrid":
             problems.append(
-                "--fresh_noise_mix and --latent_source hybrid draw new noise every step, so the reference errors "
-                "cannot be cached; train online (without --inversion_cache_dir)."
+                "--latent_source hybrid draws new noise before it inverts, every step, so its inversion cannot be "
+                "cached; train online (without --inversion_cache_dir)."
             )
         if args.timestep_range is not None:
             problems.append(
@@ -443,6 +444,8 @@ def validate_args(args):
         args.inversion_model = "reference" if fixed_noise else "policy"
     if args.inversion_eta is None:
         args.inversion_eta = 0.0 if args.latent_source == "inverted_noise" else 0.1
+    if args.fresh_noise_mix is None:
+        args.fresh_noise_mix = 0.5 if args.latent_source == "inverted_noise" else 0.0
     if args.latent_source == "hybrid" and args.hybrid_forward_until is None:
         args.hybrid_forward_until = 500
 
@@ -1147,9 +1150,9 @@ def compute_loss(
         )
 
 
-def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
+def compute_cached_loss(batch, unet, reference, inverse_scheduler, args, accelerator, generator):
     """InPO from the inversion cache: one policy forward on the stored latents (or on x0 noised with the stored
-    inverted noise) against the stored e_ref."""
+    inverted noise) against the stored e_ref; with --fresh_noise_mix, e_ref anew from the reference."""
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
     stored = {name: batch[name].to(device, torch.float32) for name in ("latents", "noise") if name in batch}
@@ -1167,6 +1170,9 @@ def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
             added,
             loss_type=args.loss_type,
             noise=stored.get("noise"),
+            fresh_noise_mix=args.fresh_noise_mix,
+            reference_unet=reference,
+            generator=generator,
         )
 
 
@@ -1575,7 +1581,8 @@ def prepare_training(args, accelerator, pairs, collate_fn, unet):
     through `accelerator.prepare`. Returns (unet, reference, trainable, optimizer, dataloader, lr_scheduler,
     generator)."""
     seed = 0 if args.seed is None else args.seed
-    with_reference = args.inversion_cache_dir is None  # the cache already holds the reference's errors
+    # The cache holds the reference's errors, unless fresh noise is mixed in at every step.
+    with_reference = args.inversion_cache_dir is None or args.fresh_noise_mix > 0
     unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator, with_reference)
     register_checkpoint_hooks(accelerator, args)
     randomness = StepRandomness(seed, accelerator)
@@ -1655,7 +1662,9 @@ def main(argv=None):
                 continue
             with accelerator.accumulate(unet):
                 if "x0" in batch:  # a batch of the inversion cache: latents, conditioning and e_ref stored
-                    loss, metrics = compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
+                    loss, metrics = compute_cached_loss(
+                        batch, unet, reference, inverse_scheduler, args, accelerator, generator
+                    )
                 else:
                     x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
                     encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)

@@ -40,8 +40,12 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 # Method name -> the train_inpo.py flags that make it that method; everything else is shared.
 # The inverted-noise methods invert once with the frozen reference, deterministically (they override
-# --inversion_model and --inversion_eta): one fixed noise per image, what the inversion cache would store.
-INVERTED_NOISE = ["--latent_source", "inverted_noise", "--inversion_model", "reference", "--inversion_eta", "0"]
+# --inversion_model and --inversion_eta): one fixed noise per image, what the inversion cache would store. No fresh
+# noise unless a method mixes it in (the scripts' default mixes 0.5 since round 3).
+INVERTED_NOISE = [
+    *["--latent_source", "inverted_noise", "--inversion_model", "reference", "--inversion_eta", "0"],
+    *["--fresh_noise_mix", "0"],
+]
 METHODS = {
     "default": [],  # train_inpo.py's own defaults, whatever they are
     "inpo_grid": ["--latent_source", "inversion", "--inversion_endpoint", "grid"],
@@ -75,7 +79,10 @@ METHODS = {
 }
 # Methods trained from the invert-once cache: train_inpo.py first writes it (--precompute_inversion_cache), then
 # trains from it; their wall time is the sum of both runs.
-CACHED_METHODS = {"inverted_noise_cached": [*INVERTED_NOISE, "--noise_x0_projection", "remove"]}
+CACHED_METHODS = {
+    "inverted_noise_cached": [*INVERTED_NOISE, "--noise_x0_projection", "remove"],
+    "inverted_noise_mix50_cached": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
+}
 METHODS.update(CACHED_METHODS)
 DEFAULT_METHODS = ["inpo_grid", "inpo_exact", "diffusion_dpo", "inverted_noise"]
 

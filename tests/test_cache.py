@@ -81,16 +81,18 @@ def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "endpoint, latent_source, cache_timesteps",
+    "endpoint, latent_source, cache_timesteps, fresh_noise_mix",
     [
-        ("grid", "inversion", "grid"),
-        ("exact", "inversion", "grid"),
-        ("exact", "inverted_noise", "grid"),
-        ("exact", "inverted_noise", "per_pair"),
+        ("grid", "inversion", "grid", 0.0),
+        ("exact", "inversion", "grid", 0.0),
+        ("exact", "inverted_noise", "grid", 0.0),
+        ("exact", "inverted_noise", "per_pair", 0.0),
+        # Fresh noise mixed into the cached noise: e_ref is recomputed, and equals the online step's.
+        ("exact", "inverted_noise", "per_pair", 0.5),
     ],
 )
 def test_cached_loss_equals_online_loss_with_reference_inversion(
-    tiny_sd, pickapic, tmp_path, endpoint, latent_source, cache_timesteps
+    tiny_sd, pickapic, tmp_path, endpoint, latent_source, cache_timesteps, fresh_noise_mix
 ):
     from peft import LoraConfig
 
@@ -101,6 +103,7 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(
         inversion_endpoint=endpoint,
         latent_source=latent_source,
         cache_timesteps=cache_timesteps,
+        fresh_noise_mix=fresh_noise_mix,
     )
     accelerator, scheduler_config, unet = precompute_in_process(args)
     manifest = inpo_utils.read_cache_manifest(
@@ -117,7 +120,9 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(
             parameter.data.normal_(0, 0.05)
     reference = inpo_utils.AdaptersDisabled(unet)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
-    cached_loss, cached_metrics = train_inpo.compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
+    cached_loss, cached_metrics = train_inpo.compute_cached_loss(
+        batch, unet, reference, inverse_scheduler, args, accelerator, torch.Generator().manual_seed(1)
+    )
     online_loss, online_metrics = inpo_utils.inpo_step_loss(
         unet,
         reference,
@@ -130,6 +135,8 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(
         eta=0.0,
         endpoint=endpoint,
         timesteps=batch["timesteps"],
+        generator=torch.Generator().manual_seed(1),
+        fresh_noise_mix=fresh_noise_mix,
     )
     assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-4, abs=1e-6)
     for name in ("reference_mse", "policy_mse", "reward_margin"):
@@ -199,10 +206,15 @@ def test_cache_flags_that_contradict_are_refused(tmp_path):
             tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy")
         )
     with pytest.raises(ValueError, match="cannot be cached"):
-        train_inpo.parse_args(
-            tiny_run_args(
-                "m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="inverted_noise", fresh_noise_mix=0.5
-            )
-        )
+        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="hybrid"))
     with pytest.raises(ValueError, match="needs --inversion_cache_dir"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), precompute_inversion_cache=True))
+
+
+def test_fresh_noise_needs_a_noise_cache_and_the_reference():
+    x0 = torch.zeros(2, 4, 8, 8)
+    args = (None, x0, x0, torch.zeros(1), torch.zeros(2, 3, 8), torch.zeros(2), torch.ones(1000), "epsilon", 1.0)
+    with pytest.raises(ValueError, match="needs an inverted-noise cache"):
+        inpo_utils.cached_step_loss(*args, fresh_noise_mix=0.5, reference_unet=object())
+    with pytest.raises(ValueError, match="the `reference_unet`"):
+        inpo_utils.cached_step_loss(*args[:2], None, *args[3:], noise=x0, fresh_noise_mix=0.5)

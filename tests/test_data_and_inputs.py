@@ -119,7 +119,7 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"latent_source": "forward", "fresh_noise_mix": 0.5}, "needs --latent_source inverted_noise"),
         ({"hybrid_forward_until": 300}, "needs --latent_source hybrid"),
         ({"timestep_range": [600, 400]}, "needs 0 <= LOW < HIGH"),
-        ({"latent_source": "hybrid", "inversion_cache_dir": "cache"}, "draw new noise every step"),
+        ({"latent_source": "hybrid", "inversion_cache_dir": "cache"}, "draws new noise before it inverts"),
         ({"timestep_range": [0, 500], "inversion_cache_dir": "cache"}, "--timestep_range applies to online"),
     ],
 )
@@ -151,8 +151,11 @@ def test_inversion_defaults_follow_the_latent_source(tmp_path):
     assert (default.latent_source, default.noise_x0_projection, default.fresh_noise_mix) == (
         "inverted_noise",
         "remove",
-        0,
+        0.5,
     )
     assert (default.inversion_model, default.inversion_eta) == ("reference", 0.0)  # one fixed noise per image
     paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
     assert (paper.inversion_model, paper.inversion_eta, paper.inversion_endpoint) == ("policy", 0.1, "grid")
+    assert paper.fresh_noise_mix == 0.0  # fresh noise mixes into inverted noise only
+    dpo = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="forward"))
+    assert dpo.fresh_noise_mix == 0.0
