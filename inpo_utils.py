@@ -978,18 +978,21 @@ def cached_step_loss(
 ):
     """InPO loss and metrics for B pairs read from the cache: one policy forward, nothing else.
 
-    With `fresh_noise_mix` > 0 (inverted-noise cache only) the stored noise is mixed with pair-shared fresh noise
-    (`mix_fresh_noise`), as online training does, and e_ref is computed anew by `reference_unet` without grad:
-    the stored e_ref belongs to the unmixed noise. The inversion, the expensive part, still comes from the cache.
+    With `fresh_noise_mix` > 0 (inverted-noise cache only) the step is online training's on the stored noise: t
+    drawn uniformly from [0, T) instead of the cache's timesteps, the noise mixed with pair-shared fresh noise
+    (`mix_fresh_noise`), and e_ref computed anew by `reference_unet` without grad (the stored e_ref belongs to the
+    unmixed noise at the cache's timesteps). The inversion, the expensive part, still comes from the cache.
 
     Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
     inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
     stored e_ref. Returns (loss, metrics) as `score_pairs`.
     """
-    timesteps = timesteps.to(x0.device).long().repeat(2)
-    alphas_cumprod = alphas_cumprod.to(x0.device)
     if fresh_noise_mix > 0 and (noise is None or reference_unet is None):
         raise ValueError("fresh_noise_mix needs an inverted-noise cache (`noise`) and the `reference_unet`.")
+    alphas_cumprod = alphas_cumprod.to(x0.device)
+    if fresh_noise_mix > 0:
+        timesteps = torch.randint(0, len(alphas_cumprod), (len(x0) // 2,), device=x0.device, generator=generator)
+    timesteps = timesteps.to(x0.device).long().repeat(2)
     if noise is None:
         noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
     else:
