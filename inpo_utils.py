@@ -2,7 +2,7 @@
 implied-noise target, the InPO loss, the loss of one step from given UNets, latents and conditioning, and the
 inversion cache format. Plain torch and diffusers schedulers: the scripts own arguments, data, models and the loop.
 
-Notation (see README "How InPO works"): x0 are VAE latents, t a training timestep, alphas_cumprod[t] is ᾱ_t.
+Notation (see README "What InPO does"): x0 are VAE latents, t a training timestep, alphas_cumprod[t] is ᾱ_t.
 A batch of B preference pairs is laid out as 2B rows, winners first: rows [0, B) are the preferred images and
 rows [B, 2B) the rejected ones, and row i and row B + i share their caption and their timestep.
 """
@@ -875,7 +875,8 @@ def write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log=
 
 class CachedPairs(torch.utils.data.Dataset):
     """Pairs read back from a cache. With grid timesteps each read draws one grid point k from a generator seeded
-    by (seed, epoch, index), so resumed runs see the same timesteps as uninterrupted ones."""
+    by (seed, epoch, index), so resumed runs see the same timesteps as uninterrupted ones (`cached_step_loss`
+    draws its own t instead when it mixes in fresh noise)."""
 
     def __init__(self, cache_dir, manifest, endpoint, seed=0):
         from safetensors import safe_open
@@ -975,23 +976,26 @@ def cached_step_loss(
     fresh_noise_mix=0.0,
     reference_unet=None,
     generator=None,
+    timestep_range=None,
 ):
-    """InPO loss and metrics for B pairs read from the cache: one policy forward, nothing else.
+    """InPO loss and metrics for B pairs read from the cache: one policy forward (and, with fresh noise, one
+    reference forward without grad).
 
     With `fresh_noise_mix` > 0 (inverted-noise cache only) the step is online training's on the stored noise: t
-    drawn uniformly from [0, T) instead of the cache's timesteps, the noise mixed with pair-shared fresh noise
+    drawn uniformly from [low, high) = `timestep_range` (default [0, T)) instead of the cache's timesteps, the noise mixed with pair-shared fresh noise
     (`mix_fresh_noise`), and e_ref computed anew by `reference_unet` without grad (the stored e_ref belongs to the
     unmixed noise at the cache's timesteps). The inversion, the expensive part, still comes from the cache.
 
     Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
     inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
-    stored e_ref. Returns (loss, metrics) as `score_pairs`.
+    stored e_ref (timesteps and reference_errors unused with fresh noise). Returns (loss, metrics) as `score_pairs`.
     """
     if fresh_noise_mix > 0 and (noise is None or reference_unet is None):
         raise ValueError("fresh_noise_mix needs an inverted-noise cache (`noise`) and the `reference_unet`.")
     alphas_cumprod = alphas_cumprod.to(x0.device)
     if fresh_noise_mix > 0:
-        timesteps = torch.randint(0, len(alphas_cumprod), (len(x0) // 2,), device=x0.device, generator=generator)
+        low, high = timestep_range or (0, len(alphas_cumprod))
+        timesteps = torch.randint(low, high, (len(x0) // 2,), device=x0.device, generator=generator)
     timesteps = timesteps.to(x0.device).long().repeat(2)
     if noise is None:
         noise = implied_noise(latents, x0, timesteps, alphas_cumprod)

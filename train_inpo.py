@@ -147,7 +147,7 @@ def add_inpo_args(parser, default_beta):
         type=float,
         default=None,
         help="Std multiplier of the noise added after each inverse step; 0 = pure DDIM inversion. Default: 0 with "
-        "--latent_source inverted_noise (one fixed noise per image, as measured), 0.1 with inversion (the authors).",
+        "--latent_source inverted_noise (one fixed noise per image, as measured), 0.1 otherwise (the authors').",
     )
     group.add_argument(
         "--inversion_endpoint",
@@ -230,8 +230,8 @@ def add_cache_args(parser):
     group.add_argument(
         "--inversion_cache_dir",
         default=None,
-        help="Train from this precomputed cache (no VAE, text encoders, reference or inversion per "
-        "step); with --precompute_inversion_cache, write it.",
+        help="Train from this precomputed cache (no VAE, text encoders or inversion per step; a reference forward "
+        "only while --fresh_noise_mix > 0); with --precompute_inversion_cache, write it.",
     )
     group.add_argument(
         "--precompute_inversion_cache",
@@ -243,8 +243,9 @@ def add_cache_args(parser):
         "--cache_timesteps",
         choices=("grid", "per_pair"),
         default="grid",
-        help="grid: store the whole inversion trajectory, train on t drawn from the K grid points; "
-        "per_pair: store one uniformly drawn t per pair (K+1x smaller, fixed t).",
+        help="grid: store e_ref at the K grid points (and, for --latent_source inversion, the whole trajectory), "
+        "train on t drawn from them; per_pair: store one uniformly drawn t per pair (fixed t). With "
+        "--fresh_noise_mix > 0 neither applies: t is drawn uniformly at every step.",
     )
     group.add_argument("--cache_dtype", choices=tuple(inpo_utils.CACHE_DTYPES), default="fp16")
     group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
@@ -406,10 +407,10 @@ def validate_args(args):
                 "--latent_source hybrid draws new noise before it inverts, every step, so its inversion cannot be "
                 "cached; train online (without --inversion_cache_dir)."
             )
-        if args.timestep_range is not None:
+        if args.timestep_range is not None and not args.fresh_noise_mix:
             problems.append(
-                "The inversion cache fixes each pair's timesteps when it is written; --timestep_range applies to "
-                "online training only (drop --inversion_cache_dir)."
+                "Without fresh noise the inversion cache scores pairs at the timesteps it stored; --timestep_range "
+                "needs online training or, from the cache, --fresh_noise_mix > 0 (t is then drawn every step)."
             )
         if args.inversion_model == "policy":
             problems.append(
@@ -828,7 +829,7 @@ def load_training_data(args, accelerator, scheduler_config):
         pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, args.seed)
         logger.info(
             f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
-            "encoder, reference forward or inversion per step."
+            f"encoder or inversion per step{', a reference forward for the fresh noise' if args.fresh_noise_mix else ''}."
         )
         return pairs, inpo_utils.collate_cached, None
     if args.streaming:
@@ -936,7 +937,7 @@ def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
 
     LoRA: base weights frozen in the mixed-precision dtype, adapters in fp32; the reference is the same UNet with
     the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype
-    (not made when `with_reference` is False: training from the cache needs none).
+    (not made when `with_reference` is False: training from the cache without fresh noise needs none).
     """
     weight_dtype = weight_dtype_of(accelerator)
     if args.enable_xformers_memory_efficient_attention:
@@ -1173,6 +1174,7 @@ def compute_cached_loss(batch, unet, reference, inverse_scheduler, args, acceler
             fresh_noise_mix=args.fresh_noise_mix,
             reference_unet=reference,
             generator=generator,
+            timestep_range=args.timestep_range,
         )
 
 
@@ -1400,13 +1402,13 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}, endpoint {args.inversion_endpoint}, by the {args.inversion_model}{f"; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}{f"; forward noising up to t = {args.hybrid_forward_until}" if args.latent_source == "hybrid" else ""}{f"; timesteps in {args.timestep_range}" if args.timestep_range else ""}) |
+| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}{"" if args.latent_source == "inverted_noise" else f", endpoint {args.inversion_endpoint}"}, by the {args.inversion_model}{f"; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}{f"; forward noising up to t = {args.hybrid_forward_until}" if args.latent_source == "hybrid" else ""}{f"; timesteps in {args.timestep_range}" if args.timestep_range else ""}) |
 | train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
 | resolution | {args.resolution} |
 
 {"![validation](validation_grid.png)" if images else ""}
 
-Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on the base pipeline.
+{f'Load it with `pipe.load_lora_weights("{args.hub_model_id or output_dir}")` on the base pipeline.' if args.train_mode == "lora" else f'Load it with `DiffusionPipeline.from_pretrained("{args.hub_model_id or output_dir}")`.'}
 """
     # Built locally rather than through `load_or_create_model_card`, which looks the output folder up on the hub.
     card = ModelCard.from_template(

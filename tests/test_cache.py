@@ -218,3 +218,44 @@ def test_fresh_noise_needs_a_noise_cache_and_the_reference():
         inpo_utils.cached_step_loss(*args, fresh_noise_mix=0.5, reference_unet=object())
     with pytest.raises(ValueError, match="the `reference_unet`"):
         inpo_utils.cached_step_loss(*args[:2], None, *args[3:], noise=x0, fresh_noise_mix=0.5)
+
+
+class RecordingUNet(torch.nn.Module):
+    """Predicts zeros and records the timesteps it is called with."""
+
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, latents, timesteps, encoder_hidden_states):
+        self.seen.append(timesteps.clone())
+        return type("Output", (), {"sample": torch.zeros_like(latents)})()
+
+
+def test_fresh_noise_from_the_cache_draws_t_in_the_timestep_range():
+    policy, reference = RecordingUNet(), RecordingUNet()
+    x0, noise = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    stored_timesteps, stored_errors = torch.full((4,), 3), torch.full((8,), 123.0)
+    for seed in range(5):
+        _, metrics = inpo_utils.cached_step_loss(
+            policy,
+            x0,
+            None,
+            stored_timesteps,
+            torch.zeros(8, 3, 8),
+            stored_errors,
+            torch.linspace(0.99, 0.01, 1000),
+            "epsilon",
+            1.0,
+            noise=noise,
+            fresh_noise_mix=0.5,
+            reference_unet=reference,
+            generator=torch.Generator().manual_seed(seed),
+            timestep_range=(600, 700),
+        )
+    drawn = torch.cat(policy.seen)
+    assert ((drawn >= 600) & (drawn < 700)).all() and len(drawn.unique()) > 1
+    assert all(torch.equal(p, r) for p, r in zip(policy.seen, reference.seen))  # e_ref recomputed at the same t
+    assert metrics["reference_mse"].item() != 123.0

@@ -120,7 +120,10 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"hybrid_forward_until": 300}, "needs --latent_source hybrid"),
         ({"timestep_range": [600, 400]}, "needs 0 <= LOW < HIGH"),
         ({"latent_source": "hybrid", "inversion_cache_dir": "cache"}, "draws new noise before it inverts"),
-        ({"timestep_range": [0, 500], "inversion_cache_dir": "cache"}, "--timestep_range applies to online"),
+        (
+            {"timestep_range": [0, 500], "inversion_cache_dir": "cache", "fresh_noise_mix": 0},
+            "--timestep_range needs online training or, from the cache, --fresh_noise_mix > 0",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):
