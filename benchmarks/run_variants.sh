@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # README's variant table in one command: every run of benchmarks/run_alignment.py behind it (both rewards, each with
-# its flipped-label control, every method on 3 training seeds), two runs at a time with one thread each, then
-# benchmarks/summarize_alignment.py's table and plot.
+# its flipped-label control, every method on 3 training seeds, online and from the cache; Diffusion-DPO also for 200
+# steps), two runs at a time with one thread each, then benchmarks/summarize_alignment.py's tables and plot.
 #
-#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; about 10 hours on 2 CPU cores
+#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 159 runs, about 7 hours on 2 CPU cores
 #   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
 #
 # Finished runs are not redone: a run whose results file exists is skipped, so an interrupted sweep can be resumed.
@@ -26,8 +26,22 @@ for reward in background_brightness edge_sharpness; do
     done
   done
 done
-jobs+=("--reward background_brightness --seed 0 --methods inverted_noise_cached --results_tag cached")
-jobs+=("--reward background_brightness --flipped_labels --seed 0 --methods inverted_noise_cached --results_tag cached")
+# From the invert-once cache (precompute + training, timed together).
+for reward in background_brightness edge_sharpness; do
+  for flip in "" --flipped_labels; do
+    for seed in 0 1 2; do
+      for variant in inverted_noise_cached:cached inverted_noise_mix50_cached:mix50cached; do
+        jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods ${variant%%:*} --results_tag ${variant##*:}")
+      done
+    done
+  done
+done
+# Diffusion-DPO's 200-step gain, the yardstick of issue 13's goal: the same method name trained longer, so in its own
+# folder (sharing the base model and pairs) to keep the summary from merging it with the 100-step runs.
+for seed in 0 1 2; do
+  jobs+=("--reward background_brightness --seed $seed --methods diffusion_dpo --results_tag dpo200 \
+--out_dir $out/dpo200 --max_train_steps 200")
+done
 
 if [ -n "${DRY_RUN:-}" ]; then
   for line in "${jobs[@]}"; do echo "python benchmarks/run_alignment.py $common $line"; done
@@ -44,18 +58,23 @@ for reward in ("background_brightness", "edge_sharpness"):
         ra.prepare_world(ra.parse_args(["--out_dir", sys.argv[1], "--reward", reward, "--base_seed", "0", *flip]))
 PY
 
+mkdir -p "$out/dpo200"
+for shared in base_model pairs pair_images.npz; do ln -sfn "../$shared" "$out/dpo200/$shared"; done
+
 run_one() {
-  local line="$1" tag reward flipped seed
+  local line="$1" tag reward flipped seed dir="$out"
+  if [[ "$line" == *"--out_dir "* ]]; then dir=$(sed -E 's/.*--out_dir ([^ ]+).*/\1/' <<<"$line"); fi
   reward=$(sed -E 's/.*--reward ([a-z_]+).*/\1/' <<<"$line")
   seed=$(sed -E 's/.*--seed ([0-9]+).*/\1/' <<<"$line")
   tag=$(sed -E 's/.*--results_tag ([a-z0-9_]+).*/\1/' <<<"$line")
   flipped=$([[ "$line" == *--flipped_labels* ]] && echo _flipped || true)
-  if [ -f "$out/alignment_${reward}${flipped}_seed${seed}_${tag}_results.json" ]; then
+  if [ -f "$dir/alignment_${reward}${flipped}_seed${seed}_${tag}_results.json" ]; then
     return 0
   fi
   # shellcheck disable=SC2086  # the flags are words
-  python benchmarks/run_alignment.py $common $line >"$out/log_${reward}${flipped}_seed${seed}_${tag}.txt" 2>&1
+  python benchmarks/run_alignment.py $common $line >"$dir/log_${reward}${flipped}_seed${seed}_${tag}.txt" 2>&1
 }
 export -f run_one
 printf '%s\n' "${jobs[@]}" | xargs -P 2 -I{} bash -c 'run_one "$1"' _ {}
 python benchmarks/summarize_alignment.py --out_dir "$out" --plot "$out/variants.png"
+python benchmarks/summarize_alignment.py --out_dir "$out/dpo200"
