@@ -982,9 +982,10 @@ def cached_step_loss(
     reference forward without grad).
 
     With `fresh_noise_mix` > 0 (inverted-noise cache only) the step is online training's on the stored noise: t
-    drawn uniformly from [low, high) = `timestep_range` (default [0, T)) instead of the cache's timesteps, the noise mixed with pair-shared fresh noise
-    (`mix_fresh_noise`), and e_ref computed anew by `reference_unet` without grad (the stored e_ref belongs to the
-    unmixed noise at the cache's timesteps). The inversion, the expensive part, still comes from the cache.
+    drawn uniformly from [low, high) = `timestep_range` (default [0, T)) instead of the cache's timesteps, the
+    noise mixed with pair-shared fresh noise (`mix_fresh_noise`), and e_ref computed anew by `reference_unet`
+    without grad (the stored e_ref belongs to the unmixed noise at the cache's timesteps). The inversion, the
+    expensive part, still comes from the cache.
 
     Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
     inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
