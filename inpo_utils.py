@@ -737,7 +737,8 @@ def cache_rows(
     computed on them, so e_ref is computed on exactly what training reads back. cache_timesteps="grid" stores the
     whole inversion trajectory and e_ref at every grid point; "per_pair" one latent at a uniformly drawn t. With
     latent_source="inverted_noise" each image's `inverted_noise` is stored instead of latents ("noise"): training
-    forward-noises x0 with it at any t, and e_ref is stored at the grid points or the drawn t.
+    forward-noises x0 with it at any t, and e_ref is stored at the grid points or the drawn t, or not at all with
+    cache_timesteps="none" (for training with fresh noise, which draws t and computes e_ref at every step).
 
     Args: x0 (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); added_cond_kwargs (2B, ...) tensors.
     Returns: dict of tensors (x0, latents or noise, reference_errors, encoder_hidden_states, [timesteps],
@@ -779,6 +780,10 @@ def cache_rows(
         generator=generator,
         added_cond_kwargs=added_cond_kwargs,
     )
+    if cache_timesteps == "none" and latent_source != "inverted_noise":
+        raise ValueError(
+            'cache_timesteps="none" stores no latents, only inverted noise: latent_source="inverted_noise".'
+        )
     if latent_source == "inverted_noise":  # one noise per image; x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise at any t
         noise = inverted_noise(
             reference_unet,
@@ -791,7 +796,9 @@ def cache_rows(
             generator,
         )
         noise = as_stored(noise)
-        if cache_timesteps == "grid":
+        if cache_timesteps == "none":
+            rows = {"noise": per_pair(noise)}
+        elif cache_timesteps == "grid":
             errors = [noised_errors_at(noise, grid[k].repeat(len(x0))) for k in range(len(grid))]
             rows = {"noise": per_pair(noise), "reference_errors": per_pair(torch.stack(errors, dim=-1))}
         else:
@@ -893,6 +900,7 @@ class CachedPairs(torch.utils.data.Dataset):
                 self.index += [(shard, row) for row in range(f.get_slice("x0").get_shape()[0])]
                 self.keys = list(f.keys())
         self.per_pair_timesteps = "timesteps" in self.keys
+        self.stores_reference_errors = "reference_errors" in self.keys
         self.handles = {}
 
     def set_epoch(self, epoch):
@@ -913,24 +921,20 @@ class CachedPairs(torch.utils.data.Dataset):
         x0 = self._read(shard, "x0", row)
         # An inverted-noise cache holds one noise per image instead of latents; the step noises x0 with it.
         source = "noise" if "noise" in self.keys else "latents"
-        if self.per_pair_timesteps:
-            timestep = self._read(shard, "timesteps", row)
-            stored = self._read(shard, source, row)
-            reference_errors = self._read(shard, "reference_errors", row)
-        else:
-            k = int(np.random.default_rng((self.seed, self.epoch, index)).integers(len(self.grid)))
-            timestep = self.grid[k]
-            stored = self._read(shard, source, row)
-            if source == "latents":  # (2, K, C, H, W): the trajectory
-                stored = grid_inversion_inputs(x0, stored.transpose(0, 1), self.endpoint)[k]
-            reference_errors = self._read(shard, "reference_errors", row)[:, k]
         example = {
             "x0": x0,
-            source: stored,
-            "timestep": timestep,
-            "reference_errors": reference_errors,
+            source: self._read(shard, source, row),
             "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row),
         }
+        if self.per_pair_timesteps:
+            example["timestep"] = self._read(shard, "timesteps", row)
+            example["reference_errors"] = self._read(shard, "reference_errors", row)
+        elif self.stores_reference_errors:  # grid layout: one grid point k per read
+            k = int(np.random.default_rng((self.seed, self.epoch, index)).integers(len(self.grid)))
+            example["timestep"] = self.grid[k]
+            if source == "latents":  # (2, K, C, H, W): the trajectory
+                example[source] = grid_inversion_inputs(x0, example[source].transpose(0, 1), self.endpoint)[k]
+            example["reference_errors"] = self._read(shard, "reference_errors", row)[:, k]
         for key in self.keys:
             if key.startswith("added_cond."):
                 example[key] = self._read(shard, key, row)
@@ -939,7 +943,7 @@ class CachedPairs(torch.utils.data.Dataset):
 
 def collate_cached(examples):
     """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`); "latents" or, from an
-    inverted-noise cache, "noise"."""
+    inverted-noise cache, "noise"; "timesteps" and "reference_errors" None from a noise-only cache."""
 
     def winners_then_losers(key):
         stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
@@ -947,11 +951,14 @@ def collate_cached(examples):
 
     hidden = torch.stack([example["encoder_hidden_states"] for example in examples])
     source = "noise" if "noise" in examples[0] else "latents"
+    stores_reference_errors = "reference_errors" in examples[0]
     return {
         "x0": winners_then_losers("x0"),
         source: winners_then_losers(source),
-        "reference_errors": winners_then_losers("reference_errors"),
-        "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples]),
+        "reference_errors": winners_then_losers("reference_errors") if stores_reference_errors else None,
+        "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples])
+        if stores_reference_errors
+        else None,
         "encoder_hidden_states": torch.cat([hidden, hidden]),
         "added_cond_kwargs": {
             key[len("added_cond.") :]: winners_then_losers(key) for key in examples[0] if key.startswith("added_cond.")
@@ -989,10 +996,13 @@ def cached_step_loss(
 
     Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
     inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
-    stored e_ref (timesteps and reference_errors unused with fresh noise). Returns (loss, metrics) as `score_pairs`.
+    stored e_ref (timesteps and reference_errors unused with fresh noise, and None from a noise-only cache).
+    Returns (loss, metrics) as `score_pairs`.
     """
     if fresh_noise_mix > 0 and (noise is None or reference_unet is None):
         raise ValueError("fresh_noise_mix needs an inverted-noise cache (`noise`) and the `reference_unet`.")
+    if fresh_noise_mix == 0 and reference_errors is None:
+        raise ValueError("This cache stores no reference errors (noise only); it trains with fresh_noise_mix > 0.")
     alphas_cumprod = alphas_cumprod.to(x0.device)
     if fresh_noise_mix > 0:
         low, high = timestep_range or (0, len(alphas_cumprod))

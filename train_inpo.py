@@ -241,11 +241,12 @@ def add_cache_args(parser):
     )
     group.add_argument(
         "--cache_timesteps",
-        choices=("grid", "per_pair"),
-        default="grid",
+        choices=("grid", "per_pair", "none"),
+        default=None,
         help="grid: store e_ref at the K grid points (and, for --latent_source inversion, the whole trajectory), "
-        "train on t drawn from them; per_pair: store one uniformly drawn t per pair (fixed t). With "
-        "--fresh_noise_mix > 0 neither applies: t is drawn uniformly at every step.",
+        "train on t drawn from them; per_pair: store one uniformly drawn t per pair (fixed t); none: store only "
+        "the inverted noise, for --fresh_noise_mix > 0, which draws t and computes e_ref at every step (K "
+        "reference forwards per image to precompute, the least). Default: none with the fresh noise mix, else grid.",
     )
     group.add_argument("--cache_dtype", choices=tuple(inpo_utils.CACHE_DTYPES), default="fp16")
     group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
@@ -447,6 +448,13 @@ def validate_args(args):
         args.inversion_eta = 0.0 if args.latent_source == "inverted_noise" else 0.1
     if args.fresh_noise_mix is None:
         args.fresh_noise_mix = 0.5 if args.latent_source == "inverted_noise" else 0.0
+    if args.cache_timesteps is None:  # with fresh noise every step draws t and computes e_ref: store neither
+        args.cache_timesteps = "none" if args.fresh_noise_mix > 0 else "grid"
+    elif args.cache_timesteps == "none" and not args.fresh_noise_mix:
+        raise ValueError(
+            "Invalid arguments:\n  --cache_timesteps none stores only the inverted noise, no reference errors; it "
+            "needs --latent_source inverted_noise with --fresh_noise_mix > 0 (the default), or use grid or per_pair."
+        )
     if args.latent_source == "hybrid" and args.hybrid_forward_until is None:
         args.hybrid_forward_until = 500
 
@@ -1153,18 +1161,22 @@ def compute_loss(
 
 def compute_cached_loss(batch, unet, reference, inverse_scheduler, args, accelerator, generator):
     """InPO from the inversion cache: one policy forward on the stored latents (or on x0 noised with the stored
-    inverted noise) against the stored e_ref; with --fresh_noise_mix, e_ref anew from the reference."""
+    inverted noise) against the stored e_ref; with --fresh_noise_mix, at a new t with e_ref anew from the reference."""
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
     stored = {name: batch[name].to(device, torch.float32) for name in ("latents", "noise") if name in batch}
+    # A noise-only cache (--cache_timesteps none) stores neither: the step draws t and computes e_ref.
+    stored.update(
+        {name: batch[name].to(device) for name in ("timesteps", "reference_errors") if batch[name] is not None}
+    )
     with accelerator.autocast():
         return inpo_utils.cached_step_loss(
             unet,
             batch["x0"].to(device, torch.float32),
             stored.get("latents"),
-            batch["timesteps"].to(device),
+            stored.get("timesteps"),
             batch["encoder_hidden_states"].to(device, weight_dtype),
-            batch["reference_errors"].to(device),
+            stored.get("reference_errors"),
             inverse_scheduler.alphas_cumprod,
             inverse_scheduler.config.prediction_type,
             args.beta_dpo,

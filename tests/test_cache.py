@@ -52,9 +52,14 @@ def precompute_in_process(args, record=None):
     return accelerator, scheduler_config, reference
 
 
-@pytest.mark.parametrize("cache_timesteps", ["grid", "per_pair"])
-def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, cache_timesteps):
-    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), cache_timesteps=cache_timesteps)
+@pytest.mark.parametrize(
+    "latent_source, cache_timesteps",
+    [("inversion", "grid"), ("inversion", "per_pair"), ("inverted_noise", "none")],
+)
+def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, latent_source, cache_timesteps):
+    args = cache_args(
+        tiny_sd, pickapic, str(tmp_path / "cache"), latent_source=latent_source, cache_timesteps=cache_timesteps
+    )
     recorded = []
     _, scheduler_config, _ = precompute_in_process(args, record=recorded)
     computed = {name: torch.cat([rows[name] for rows in recorded]) for name in recorded[0]}
@@ -67,7 +72,10 @@ def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, ca
         example = pairs[index]
         torch.testing.assert_close(example["x0"], computed["x0"][index])
         torch.testing.assert_close(example["encoder_hidden_states"], computed["encoder_hidden_states"][index])
-        if cache_timesteps == "per_pair":
+        if cache_timesteps == "none":  # the inverted noise alone: no timestep, no e_ref
+            assert set(example) == {"x0", "noise", "encoder_hidden_states"}
+            torch.testing.assert_close(example["noise"], computed["noise"][index])
+        elif cache_timesteps == "per_pair":
             assert example["timestep"] == computed["timesteps"][index]
             torch.testing.assert_close(example["latents"], computed["latents"][index])
             torch.testing.assert_close(example["reference_errors"], computed["reference_errors"][index])
@@ -89,6 +97,7 @@ def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, ca
         ("exact", "inverted_noise", "per_pair", 0.0),
         # Fresh noise mixed into the cached noise: t drawn and e_ref recomputed as online, with the same generator.
         ("exact", "inverted_noise", "per_pair", 0.5),
+        ("exact", "inverted_noise", "none", 0.5),
     ],
 )
 def test_cached_loss_equals_online_loss_with_reference_inversion(
@@ -186,7 +195,7 @@ def test_training_from_cache_needs_neither_vae_nor_text_encoder(tiny_sd, pickapi
     model = str(tmp_path / "model")
     shutil.copytree(tiny_sd, model)
     cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
-    flags = {"inversion_eta": 0.0, "inversion_cache_dir": cache, "cache_timesteps": "per_pair"}
+    flags = {"inversion_cache_dir": cache}  # the defaults: inverted noise, fresh noise mixed in, a noise-only cache
     launch("train_inpo.py", *tiny_run_args(model, pickapic, out, precompute_inversion_cache=True, **flags))
     assert os.path.isfile(os.path.join(cache, "manifest.json"))
     shutil.rmtree(os.path.join(model, "vae"))
@@ -218,6 +227,8 @@ def test_fresh_noise_needs_a_noise_cache_and_the_reference():
         inpo_utils.cached_step_loss(*args, fresh_noise_mix=0.5, reference_unet=object())
     with pytest.raises(ValueError, match="the `reference_unet`"):
         inpo_utils.cached_step_loss(*args[:2], None, *args[3:], noise=x0, fresh_noise_mix=0.5)
+    with pytest.raises(ValueError, match="stores no reference errors"):  # a noise-only cache without the mix
+        inpo_utils.cached_step_loss(*args[:5], None, *args[6:], noise=x0)
 
 
 class RecordingUNet(torch.nn.Module):

@@ -124,6 +124,8 @@ def test_wrong_split_says_how_to_fix(pickapic):
             {"timestep_range": [0, 500], "inversion_cache_dir": "cache", "fresh_noise_mix": 0},
             "--timestep_range needs online training or, from the cache, --fresh_noise_mix > 0",
         ),
+        ({"cache_timesteps": "none", "fresh_noise_mix": 0}, "--cache_timesteps none stores only the inverted noise"),
+        ({"cache_timesteps": "none", "latent_source": "inversion"}, "or use grid or per_pair"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):
@@ -157,8 +159,10 @@ def test_inversion_defaults_follow_the_latent_source(tmp_path):
         0.5,
     )
     assert (default.inversion_model, default.inversion_eta) == ("reference", 0.0)  # one fixed noise per image
+    assert default.cache_timesteps == "none"  # the mix draws t and computes e_ref every step: the cache needs neither
     paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
     assert (paper.inversion_model, paper.inversion_eta, paper.inversion_endpoint) == ("policy", 0.1, "grid")
     assert paper.fresh_noise_mix == 0.0  # fresh noise mixes into inverted noise only
+    assert paper.cache_timesteps == "grid"
     dpo = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="forward"))
     assert dpo.fresh_noise_mix == 0.0
