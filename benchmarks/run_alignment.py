@@ -55,6 +55,10 @@ METHODS = {
     "inverted_noise_keep_x0": [*INVERTED_NOISE, "--noise_x0_projection", "none"],
     "inverted_noise_mix50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
     "inverted_noise_k50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--inversion_steps", "50"],
+    "inverted_noise_mix50_k5": [
+        *[*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
+        *["--inversion_steps", "5"],
+    ],
     # The inverted noise with a stochastic inversion (eta 0.1, a new noise every step) or inverted by the policy.
     "inverted_noise_eta01": [*INVERTED_NOISE, "--inversion_eta", "0.1", "--noise_x0_projection", "remove"],
     "inverted_noise_policy": [*INVERTED_NOISE, "--inversion_model", "policy", "--noise_x0_projection", "remove"],

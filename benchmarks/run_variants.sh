@@ -20,7 +20,7 @@ for reward in background_brightness edge_sharpness; do
       jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods inverted_noise diffusion_dpo --results_tag main")
       for variant in inpo_grid:authors hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 \
           inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref inpo_exact:exact inverted_noise_k50:k50 \
-          inverted_noise_eta01:eta01 inverted_noise_policy:policy; do
+          inverted_noise_eta01:eta01 inverted_noise_policy:policy inverted_noise_mix50_k5:mix50k5; do
         jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods ${variant%%:*} --results_tag ${variant##*:}")
       done
     done
