@@ -3,7 +3,7 @@
 # its flipped-label control, every method on 3 training seeds, online and from the cache; Diffusion-DPO also for 200
 # steps), two runs at a time with one thread each, then benchmarks/summarize_alignment.py's tables and plot.
 #
-#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 171 runs, about 7.5 hours on 2 CPU cores
+#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 183 runs, about 8 hours on 2 CPU cores
 #   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
 #
 # Finished runs are not redone: a run whose results file exists is skipped, so an interrupted sweep can be resumed.
