@@ -41,10 +41,11 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Method name -> the train_inpo.py flags that make it that method; everything else is shared.
 # The inverted-noise methods invert once with the frozen reference, deterministically (they override
 # --inversion_model and --inversion_eta): one fixed noise per image, what the inversion cache would store. No fresh
-# noise unless a method mixes it in (the scripts' default mixes 0.5 since round 3).
+# noise unless a method mixes it in (the scripts' default mixes 0.5 since round 3), and K = 10 unless a method sets
+# K (the scripts' default K for inverted noise is 5 since round 4).
 INVERTED_NOISE = [
     *["--latent_source", "inverted_noise", "--inversion_model", "reference", "--inversion_eta", "0"],
-    *["--fresh_noise_mix", "0"],
+    *["--fresh_noise_mix", "0", "--inversion_steps", "10"],
 ]
 METHODS = {
     "default": [],  # train_inpo.py's own defaults, whatever they are
@@ -150,7 +151,12 @@ def parse_args(argv=None):
         default=None,
         help="Default: train_inpo.py's (the methods that need one override it).",
     )
-    parser.add_argument("--inversion_steps", type=int, default=10)
+    parser.add_argument(
+        "--inversion_steps",
+        type=int,
+        default=None,
+        help="Default: train_inpo.py's (the methods that need one set it).",
+    )
     parser.add_argument("--inversion_eta", type=float, default=None, help="Default: train_inpo.py's.")
     parser.add_argument(
         "--num_inference_steps",
@@ -205,8 +211,7 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         "none",
         "--checkpointing_steps",
         str(args.eval_every),
-        "--inversion_steps",
-        str(args.inversion_steps),
+        *(["--inversion_steps", str(args.inversion_steps)] if args.inversion_steps is not None else []),
         *(["--inversion_model", args.inversion_model] if args.inversion_model else []),
         *(["--inversion_eta", str(args.inversion_eta)] if args.inversion_eta is not None else []),
         *METHODS[method],
@@ -284,7 +289,7 @@ def markdown_table(args, results, base_meta, pairs_meta, num_eval_images):
         f"{args.num_pairs} pairs sampled from the base model (labels {pairs_meta['label_counts']}, mean reward gap "
         f"{pairs_meta['mean_reward_gap']}); every method: batch {args.train_batch_size}, β {args.beta_dpo:g}, "
         f"lr {args.learning_rate:g}, LoRA rank {args.rank}, seed {args.seed}, {args.max_train_steps} steps, "
-        f"inversion by the {args.inversion_model or 'default model'} with {args.inversion_steps} steps, eta "
+        f"inversion by the {args.inversion_model or 'default model'} with {args.inversion_steps or 'the default'} steps, eta "
         f"{'default' if args.inversion_eta is None else f'{args.inversion_eta:g}'} (unless the method sets them). "
         f"Evaluation: {num_eval_images} samples (12 captions × {args.eval_seeds} seeds), "
         f"{args.num_inference_steps} DDIM steps, guidance {args.guidance_scale:g}. Base model: fidelity "

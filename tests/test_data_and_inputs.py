@@ -160,9 +160,11 @@ def test_inversion_defaults_follow_the_latent_source(tmp_path):
     )
     assert (default.inversion_model, default.inversion_eta) == ("reference", 0.0)  # one fixed noise per image
     assert default.cache_timesteps == "none"  # the mix draws t and computes e_ref every step: the cache needs neither
+    assert default.inversion_steps == 5
     paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
     assert (paper.inversion_model, paper.inversion_eta, paper.inversion_endpoint) == ("policy", 0.1, "grid")
     assert paper.fresh_noise_mix == 0.0  # fresh noise mixes into inverted noise only
     assert paper.cache_timesteps == "grid"
+    assert paper.inversion_steps == 10  # the paper's K
     dpo = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="forward"))
     assert dpo.fresh_noise_mix == 0.0
