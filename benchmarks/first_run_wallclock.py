@@ -65,9 +65,7 @@ def main(argv=None):
         for steps in own.cached_steps:
             run_dir = os.path.join(work, f"cached_k{k}_{steps}")
             train = timed(command("inverted_noise_mix50_cached", steps, run_dir, *cache), run_dir + ".log")
-            rows.append(
-                (f"cached, K = {k}, {steps} steps", f"{precompute:.0f}", f"{train:.0f}", precompute + train)
-            )
+            rows.append((f"cached, K = {k}, {steps} steps", f"{precompute:.0f}", f"{train:.0f}", precompute + train))
             print(rows[-1], flush=True)
 
     lines = [
