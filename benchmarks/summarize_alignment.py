@@ -174,7 +174,8 @@ def plot(summary, path):
             steps = [0, *m["gains"]]
             means = [0, *(mean for mean, _ in m["gains"].values())]
             sds = [0, *(sd or 0 for _, sd in m["gains"].values())]
-            width = 2.5 if method in ("inverted_noise_mix50", "diffusion_dpo") else 1.2  # the default and the baseline
+            # Thick: the scripts' default and the baseline.
+            width = 2.5 if method in ("inverted_noise_mix50_k5", "diffusion_dpo") else 1.2
             label = f"{method} ({len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''})"
             axis.errorbar(
                 steps, means, yerr=sds, marker="o", capsize=3, color=colours[method], linewidth=width, label=label
