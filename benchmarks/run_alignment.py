@@ -71,6 +71,11 @@ METHODS = {
         "500",
         "1000",
     ],
+    # The default restricted to t < 500, where a detail reward (edge sharpness) is decided while sampling.
+    "inverted_noise_mix50_k5_t0_500": [
+        *[*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
+        *["--inversion_steps", "5", "--timestep_range", "0", "500"],
+    ],
     # The paper's exact endpoint, inverted deterministically by the frozen reference instead of the policy.
     "inpo_exact_reference_eta0": [
         *["--latent_source", "inversion", "--inversion_endpoint", "exact"],

@@ -3,7 +3,7 @@
 # its flipped-label control, every method on 3 training seeds, online and from the cache; Diffusion-DPO also for 200
 # steps), two runs at a time with one thread each, then benchmarks/summarize_alignment.py's tables and plot.
 #
-#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 183 runs, about 8 hours on 2 CPU cores
+#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 195 runs, about 8 hours on 2 CPU cores
 #   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
 #
 # Finished runs are not redone: a run whose results file exists is skipped, so an interrupted sweep can be resumed.
@@ -20,7 +20,8 @@ for reward in background_brightness edge_sharpness; do
       jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods inverted_noise diffusion_dpo --results_tag main")
       for variant in inpo_grid:authors hybrid:hybrid inverted_noise_t500_1000:trange inverted_noise_keep_x0:keepx0 \
           inverted_noise_mix50:mix50 inpo_exact_reference_eta0:exactref inpo_exact:exact inverted_noise_k50:k50 \
-          inverted_noise_eta01:eta01 inverted_noise_policy:policy inverted_noise_mix50_k5:mix50k5; do
+          inverted_noise_eta01:eta01 inverted_noise_policy:policy inverted_noise_mix50_k5:mix50k5 \
+          inverted_noise_mix50_k5_t0_500:lowt; do
         jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods ${variant%%:*} --results_tag ${variant##*:}")
       done
     done
