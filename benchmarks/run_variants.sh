@@ -3,7 +3,7 @@
 # its flipped-label control, every method on 3 training seeds, online and from the cache; Diffusion-DPO also for 200
 # steps), two runs at a time with one thread each, then benchmarks/summarize_alignment.py's tables and plot.
 #
-#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 195 runs, about 8 hours on 2 CPU cores
+#   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 207 runs, about 8 hours on 2 CPU cores
 #   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
 #
 # Finished runs are not redone: a run whose results file exists is skipped, so an interrupted sweep can be resumed.
@@ -38,11 +38,18 @@ for reward in background_brightness edge_sharpness; do
     done
   done
 done
-# Diffusion-DPO's 200-step gain, the yardstick of issue 13's goal: the same method name trained longer, so in its own
-# folder (sharing the base model and pairs) to keep the summary from merging it with the 100-step runs.
+# Diffusion-DPO's 200-step gain, the yardstick of issue 13's goal, and the default trained as long (both rewards, with
+# controls): the same method names trained longer, so in their own folder to keep the summary from merging them with
+# the 100-step runs.
 for seed in 0 1 2; do
   jobs+=("--reward background_brightness --seed $seed --methods diffusion_dpo --results_tag dpo200 \
 --out_dir $out/dpo200 --max_train_steps 200")
+  for reward in background_brightness edge_sharpness; do
+    for flip in "" --flipped_labels; do
+      jobs+=("--reward $reward${flip:+ $flip} --seed $seed --methods inverted_noise_mix50_k5 --results_tag default200 \
+--out_dir $out/dpo200 --max_train_steps 200")
+    done
+  done
 done
 
 if [ -n "${DRY_RUN:-}" ]; then
