@@ -1,6 +1,6 @@
-"""Score finished alignment runs again on more, fresh evaluation seeds: a tighter estimate of reward and fidelity.
+r"""Score finished alignment runs again on more, fresh evaluation seeds: a tighter estimate of reward and fidelity.
 
-    python benchmarks/reevaluate.py --out_dir /work/bench --reward background_brightness \
+    python benchmarks/reevaluate.py --out_dir benchmarks/out --reward background_brightness \
         --eval_seeds 16 --first_seed 100 RUN_DIR [RUN_DIR ...]
 
 run_alignment.py evaluates on 12 captions × 4 seeds (48 images), where one image moves fidelity by 0.02. This loads
@@ -15,7 +15,8 @@ import os
 import sys
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import alignment_world as world  # noqa: E402
 
@@ -23,7 +24,11 @@ from benchmarks import alignment_world as world  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--out_dir", required=True, help="run_alignment.py's --out_dir (its base_model is loaded).")
+    parser.add_argument(
+        "--out_dir",
+        default=os.path.join(REPO_ROOT, "benchmarks", "out"),
+        help="run_alignment.py's --out_dir (its base_model is loaded); run_alignment.py's default, benchmarks/out.",
+    )
     parser.add_argument("--reward", choices=sorted(world.REWARDS), default=world.DEFAULT_REWARD)
     parser.add_argument("--eval_seeds", type=int, default=16)
     parser.add_argument("--first_seed", type=int, default=100)
