@@ -11,6 +11,7 @@ The pieces, in the order a benchmark uses them:
                                    low-frequency one (background_brightness) and one in detail (edge_sharpness)
     predict_colour, fidelity       does an image still follow its caption
     background_roughness, quality  texture in the flat background, an artefact (image-quality check)
+    write_tiny_clip_tokenizer      a character-level CLIPTokenizer (the base model's; the tests' tiny pipelines')
     build_base_model               a tiny StableDiffusionPipeline pretrained on the world, cached by fingerprint
     sample_images                  deterministic samples (one seed per image) from any pipeline
     make_preference_pairs          Pick-a-Pic-v2-format parquet of base-model sample pairs labelled by the reward
@@ -32,9 +33,8 @@ import torch
 import torch.nn.functional as F
 
 
-# demo.py (repository root) holds the tiny tokenizer and the PNG encoder the rest of the project uses.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demo import encode_png, write_tiny_clip_tokenizer
+from benchmarks.pickapic_format import encode_png, write_pickapic_parquet
 
 
 # Bump when rendering, reward or training code changes, so cached models and pair datasets are rebuilt.
@@ -289,6 +289,29 @@ class BaseModelConfig:
 
 
 TOKENIZER_MAX_LENGTH = 20  # "a yellow triangle" is 15 character tokens + start + end
+# Characters the tiny BPE vocabulary can spell; any caption made of them tokenizes without <unk>.
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def write_tiny_clip_tokenizer(path, max_length=16):
+    """A CLIPTokenizer over single characters (no merges): small enough for tests, real enough for the code path."""
+    from transformers import CLIPTokenizer
+
+    os.makedirs(path, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += list(TINY_ALPHABET) + [c + "</w>" for c in TINY_ALPHABET]
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump({tok: i for i, tok in enumerate(tokens)}, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        os.path.join(path, "vocab.json"),
+        os.path.join(path, "merges.txt"),
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.save_pretrained(path)
+    return tokenizer
 
 
 def _text_encoder(vocab_size):
@@ -605,23 +628,11 @@ def _label(reward_0, reward_1):
 
 def write_pairs_parquet(folder, captions, images_0, images_1, labels):
     """Write `folder/train-00000-of-00001.parquet` in Pick-a-Pic v2 layout; images uint8 (N, 32, 32, 3)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema(
-        [("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64())]
-    )
-    table = pa.table(
-        {
-            "caption": list(captions),
-            "jpg_0": [encode_png(x) for x in images_0],
-            "jpg_1": [encode_png(x) for x in images_1],
-            "label_0": [float(v) for v in labels],
-        },
-        schema=schema,
-    )
-    os.makedirs(folder, exist_ok=True)
-    pq.write_table(table, os.path.join(folder, "train-00000-of-00001.parquet"))
+    rows = [
+        {"caption": caption, "jpg_0": encode_png(x0), "jpg_1": encode_png(x1), "label_0": float(label)}
+        for caption, x0, x1, label in zip(captions, images_0, images_1, labels, strict=True)
+    ]
+    write_pickapic_parquet(folder, rows)
 
 
 # Pair seeds start here so they never coincide with evaluation seeds (small integers).

@@ -3,7 +3,7 @@
     python benchmarks/cache_benchmark.py --model tiny
     python benchmarks/cache_benchmark.py --model sd15 --resolution 64 --steps 6
 
-`tiny` is demo.py's tiny pipeline; `sd15` has the published SD 1.5 UNet/VAE/CLIP-L architectures with random
+`tiny` is the tests' tiny pipeline (tests/fixtures.py); `sd15` has the published SD 1.5 UNet/VAE/CLIP-L architectures with random
 weights (no download), run at a low resolution so a CPU can afford it. Every method trains the same LoRA on the same
 pairs with the same batch; step time is the mean `step_time` the script logs (first step excluded), peak RSS is
 `/usr/bin/time`'s maximum resident set size of the whole training process. Prints a markdown table and writes it to
@@ -22,8 +22,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
-import demo  # noqa: E402
+import fixtures  # noqa: E402
+from benchmarks.alignment_world import write_tiny_clip_tokenizer  # noqa: E402
 
 
 SD15_UNET = {
@@ -66,7 +68,7 @@ def build_sd15_random(path):
 
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
-    tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"), max_length=77)
+    tokenizer = write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"), max_length=77)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **CLIP_L_TEXT)
@@ -76,7 +78,7 @@ def build_sd15_random(path):
         vae=AutoencoderKL(**SD15_VAE),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=demo._tiny_scheduler("epsilon"),
+        scheduler=fixtures.tiny_scheduler("epsilon"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -129,12 +131,12 @@ def main():
 
     model_dir = os.path.join(work, "model")
     if args.model == "tiny":
-        model_dir = demo.build_tiny_sd(model_dir) if not os.path.isdir(model_dir) else model_dir
+        model_dir = fixtures.build_tiny_sd(model_dir) if not os.path.isdir(model_dir) else model_dir
     else:
         build_sd15_random(model_dir)
     data_dir = os.path.join(work, "pairs")
     if not os.path.isdir(data_dir):
-        demo.build_tiny_pickapic(data_dir, num_pairs=args.pairs, image_size=(resolution, resolution + 16))
+        fixtures.build_tiny_pickapic(data_dir, num_pairs=args.pairs, image_size=(resolution, resolution + 16))
 
     common = [
         "--pretrained_model_name_or_path",

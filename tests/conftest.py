@@ -1,4 +1,4 @@
-"""Fixtures: tiny pipelines and a tiny Pick-a-Pic dataset built offline and saved the way real ones are."""
+"""Fixtures: tiny pipelines and a tiny Pick-a-Pic dataset (built by fixtures.py), and ways to launch the scripts."""
 
 import contextlib
 import io
@@ -41,28 +41,28 @@ _shorten_datasets_thread_shutdown_sleep()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import demo  # noqa: E402
+from fixtures import build_tiny_pickapic, build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
-    return demo.build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_vpred(tmp_path_factory):
-    return demo.build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction")
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    return demo.build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl")))
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl")))
 
 
 @pytest.fixture(scope="session")
 def pickapic(tmp_path_factory):
     """8 decided pairs + 1 tie, 40x48 images."""
-    return demo.build_tiny_pickapic(str(tmp_path_factory.mktemp("pickapic")), num_pairs=8)
+    return build_tiny_pickapic(str(tmp_path_factory.mktemp("pickapic")), num_pairs=8)
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-import demo
 import train_inpo
+from benchmarks.pickapic_format import encode_png
 from conftest import launch, tiny_run_args
+from fixtures import build_tiny_pickapic, build_tiny_sd
 
 
 def png(color, size=(40, 48)):
-    return demo.encode_png(np.full((*size, 3), color, dtype=np.uint8))
+    return encode_png(np.full((*size, 3), color, dtype=np.uint8))
 
 
 def test_pairs_put_the_preferred_image_first_and_share_the_flip(tmp_path):
@@ -49,8 +50,8 @@ def test_flip_is_shared_by_both_images_of_a_pair(tmp_path):
     rows = [
         {
             "caption": "a cat",
-            "jpg_0": demo.encode_png(left_white),
-            "jpg_1": demo.encode_png(left_white),
+            "jpg_0": encode_png(left_white),
+            "jpg_1": encode_png(left_white),
             "label_0": 1.0,
         }
     ]
@@ -72,7 +73,7 @@ def test_ties_and_bad_rows_are_dropped_and_counted(tmp_path):
         {"caption": "   ", "jpg_0": png(0), "jpg_1": png(255), "label_0": 0.0},
         {"caption": "a red square", "jpg_0": b"", "jpg_1": png(255), "label_0": 0.0},
     ]
-    path = demo.build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
+    path = build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
     messages = []
     dataset = train_inpo.load_preference_dataset(path, "train", log=messages.append)
     assert len(dataset) == 4
@@ -134,7 +135,7 @@ def test_bad_arguments_are_refused(override, message, tmp_path):
 
 
 def test_sample_prediction_is_refused(tmp_path):
-    model = demo.build_tiny_sd(str(tmp_path / "m"), prediction_type="sample")
+    model = build_tiny_sd(str(tmp_path / "m"), prediction_type="sample")
     with pytest.raises(ValueError, match="predicts 'sample'"):
         train_inpo.check_model_family(model, None, None, want_sdxl=False)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import demo  # importable through conftest.py, which also provides the `tiny_sd` pipeline fixture
 import evaluate_inpo
+from benchmarks.alignment_world import write_tiny_clip_tokenizer
 from conftest import launch
 from evaluate_inpo import (
     TunedModel,
@@ -26,9 +26,10 @@ from evaluate_inpo import (
     win_indicators,
     win_rate,
 )
+from fixtures import CAPTIONS, build_tiny_pickapic
 
 
-PROMPTS = demo.DEMO_CAPTIONS[:3]
+PROMPTS = CAPTIONS[:3]
 CLIP_DIM = 16
 
 
@@ -81,7 +82,7 @@ def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     path = str(tmp_path_factory.mktemp("tiny-clip"))
-    tokenizer = demo.write_tiny_clip_tokenizer(os.path.join(path, "tokenizer-src"))
+    tokenizer = write_tiny_clip_tokenizer(os.path.join(path, "tokenizer-src"))
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
@@ -287,9 +288,9 @@ def test_prompt_file_skips_blank_lines_and_caps(prompt_file):
 
 
 def test_prompt_dataset_column_split_and_errors(tmp_path):
-    data_dir = demo.build_tiny_pickapic(str(tmp_path / "pickapic"), num_pairs=6)
+    data_dir = build_tiny_pickapic(str(tmp_path / "pickapic"), num_pairs=6)
     prompts = evaluate_inpo.load_prompts(_args(prompt_dataset=data_dir, prompt_column="caption", max_prompts=4))
-    assert prompts == demo.DEMO_CAPTIONS[:4]
+    assert prompts == CAPTIONS[:4]
     with pytest.raises(ValueError, match="'Prompt' is not a column"):
         evaluate_inpo.load_prompts(_args(prompt_dataset=data_dir, prompt_column="Prompt"))
     with pytest.raises(ValueError, match="could not load split 'test_unique'"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import demo
 import train_inpo
 from conftest import REPO, launch, read_scalars, tiny_run_args
+from fixtures import build_tiny_sd
 
 
 HUGE_BETA = "1e39"  # overflows float32: inside = −½β·0 is NaN at step 1 (policy == reference)
@@ -136,7 +136,7 @@ def test_missing_subfolder_is_named(tiny_sd, tmp_path):
 def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    model = demo.build_tiny_sd(str(tmp_path / "model"))
+    model = build_tiny_sd(str(tmp_path / "model"))
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     os.remove(os.path.join(model, "unet", "diffusion_pytorch_model.safetensors"))
     unet.save_pretrained(os.path.join(model, "unet"), safe_serialization=False)  # a pickle .bin

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import demo
 import train_inpo
+from benchmarks.pickapic_format import encode_png
 from conftest import launch, run_processes, tiny_run_args
+from fixtures import build_tiny_pickapic
 
 
 ONE_PROCESS = types.SimpleNamespace(process_index=0, num_processes=1, device="cpu")
@@ -36,7 +37,7 @@ def epochs_of(pairs, count):
 
 
 def truncated_png():
-    data = demo.encode_png(np.full((40, 48, 3), 77, dtype=np.uint8))
+    data = encode_png(np.full((40, 48, 3), 77, dtype=np.uint8))
     return data[: len(data) // 2]  # the header parses, the body does not decode
 
 
@@ -45,23 +46,23 @@ def test_stream_drops_ties_and_bad_rows_like_the_map_style_path(tmp_path, caplog
         {
             "caption": "a red square",
             "jpg_0": b"not an image",
-            "jpg_1": demo.encode_png(np.zeros((8, 8, 3), np.uint8)),
+            "jpg_1": encode_png(np.zeros((8, 8, 3), np.uint8)),
             "label_0": 1.0,
         },
         {
             "caption": "   ",
-            "jpg_0": demo.encode_png(np.zeros((8, 8, 3), np.uint8)),
-            "jpg_1": demo.encode_png(np.ones((8, 8, 3), np.uint8)),
+            "jpg_0": encode_png(np.zeros((8, 8, 3), np.uint8)),
+            "jpg_1": encode_png(np.ones((8, 8, 3), np.uint8)),
             "label_0": 0.0,
         },
         {
             "caption": "a cat",
             "jpg_0": truncated_png(),
-            "jpg_1": demo.encode_png(np.ones((8, 8, 3), np.uint8)),
+            "jpg_1": encode_png(np.ones((8, 8, 3), np.uint8)),
             "label_0": 0.0,
         },
     ]
-    path = demo.build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
+    path = build_tiny_pickapic(str(tmp_path), num_pairs=4, extra_rows=bad_rows)
     stream = train_inpo.load_preference_stream(
         path, "train", None, shuffle_buffer_size=16, seed=0, process_index=0, num_processes=1
     )
