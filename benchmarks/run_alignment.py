@@ -54,8 +54,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Method name -> the train_inpo.py flags that make it that method; everything else is shared.
 # The inverted-noise methods invert once with the frozen reference, deterministically (they override
 # --inversion_model and --inversion_eta): one fixed noise per image, what the inversion cache would store. No fresh
-# noise unless a method mixes it in (the scripts' default mixes 0.5 since round 3), and K = 10 unless a method sets
-# K (the scripts' default K for inverted noise is 5 since round 4).
+# noise unless a method mixes it in (the scripts' default mixes 0.5), and K = 10 unless a method sets K (the
+# scripts' default K for inverted noise is 5): pinned, so each method's numbers do not move with the defaults.
 INVERTED_NOISE = [
     *["--latent_source", "inverted_noise", "--inversion_model", "reference", "--inversion_eta", "0"],
     *["--fresh_noise_mix", "0", "--inversion_steps", "10"],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# README's variant table in one command: every run of benchmarks/run_alignment.py behind it (both rewards, each with
-# its flipped-label control, every method on 3 training seeds, online and from the cache; Diffusion-DPO also for 200
-# steps), two runs at a time with one thread each, then benchmarks/summarize_alignment.py's tables and plot.
+# docs/benchmarks.md's variant table in one command: every run of benchmarks/run_alignment.py behind it (both
+# rewards, each with its flipped-label control, every method on 3 training seeds, online and from the cache;
+# Diffusion-DPO and the default also for 200 steps), two runs at a time with one thread each, then
+# benchmarks/summarize_alignment.py's tables and plot.
 #
 #   bash benchmarks/run_variants.sh [OUT_DIR]      # default benchmarks/out/variants; 207 runs, about 8 hours on 2 CPU cores
 #   DRY_RUN=1 bash benchmarks/run_variants.sh      # list the runs only
@@ -38,9 +39,9 @@ for reward in background_brightness edge_sharpness; do
     done
   done
 done
-# Diffusion-DPO's 200-step gain, the yardstick of issue 13's goal, and the default trained as long (both rewards, with
-# controls): the same method names trained longer, so in their own folder to keep the summary from merging them with
-# the 100-step runs.
+# Diffusion-DPO's 200-step gain (the yardstick: does a method reach it within 100 steps?) and the default trained as
+# long (both rewards, with controls): the same method names trained longer, so in their own folder to keep the
+# summary from merging them with the 100-step runs.
 for seed in 0 1 2; do
   jobs+=("--reward background_brightness --seed $seed --methods diffusion_dpo --results_tag dpo200 \
 --out_dir $out/dpo200 --max_train_steps 200")
