@@ -29,11 +29,12 @@ NOISE_X0_PROJECTIONS = ("none", "remove")
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_inverse_scheduler(scheduler_config, num_inversion_steps):
+def make_inverse_scheduler(scheduler_config, num_inversion_steps, device=None):
     """A `DDIMInverseScheduler` on the model's own noise schedule with a `num_inversion_steps`-point grid.
 
     The grid follows the model's `timestep_spacing`/`steps_offset` (SD 1.5: 1, 101, ..., 901 for 10 steps), which
-    is what the InPO authors invert on.
+    is what the InPO authors invert on. The schedule's ᾱ tensors are moved to `device` once, so the `.to(device)`
+    of every step is free; the grid itself (`timesteps`) stays on the CPU, where the loops read it.
     """
     scheduler = DDIMInverseScheduler.from_config(scheduler_config)
     if scheduler.config.prediction_type not in SUPPORTED_PREDICTION_TYPES:
@@ -42,6 +43,9 @@ def make_inverse_scheduler(scheduler_config, num_inversion_steps):
             f"{SUPPORTED_PREDICTION_TYPES}. Use an epsilon or v-prediction checkpoint."
         )
     scheduler.set_timesteps(num_inversion_steps)
+    if device is not None:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        scheduler.initial_alpha_cumprod = scheduler.initial_alpha_cumprod.to(device)
     return scheduler
 
 
@@ -139,6 +143,9 @@ def ddim_invert(
     initial_alpha = inverse_scheduler.initial_alpha_cumprod.to(x0.device, torch.float32)
     step_size = config.num_train_timesteps // inverse_scheduler.num_inference_steps
     clip_range = config.clip_sample_range if config.clip_sample else None
+    # One read of the targets on the host instead of a `nonzero()` (a device sync) per grid point; CPU timesteps
+    # (the whole-grid inversion of `inverted_noise`) cost no sync at all.
+    targets = timesteps.tolist()
     timesteps = timesteps.to(x0.device).long()
     added_cond_kwargs = added_cond_kwargs or {}
 
@@ -162,12 +169,13 @@ def ddim_invert(
         for grid_point in inverse_scheduler.timesteps.tolist():
             if start_timestep is not None and grid_point <= start_timestep:
                 continue
-            rows = (timesteps > grid_point).nonzero().flatten()
-            if rows.numel() == 0:
+            active = [row for row, target in enumerate(targets) if target > grid_point]
+            if not active:
                 continue
+            rows = slice(None) if len(active) == len(targets) else torch.tensor(active, device=x0.device)
             source = grid_point - step_size
             alpha_from = alphas_cumprod[source] if source >= 0 else initial_alpha
-            step_timesteps = torch.full((rows.numel(),), grid_point, device=x0.device, dtype=torch.long)
+            step_timesteps = torch.full((len(active),), grid_point, device=x0.device, dtype=torch.long)
             model_output = predict(latents[rows], step_timesteps, rows)
             moved = ddim_inverse_step(
                 latents[rows], model_output, alpha_from, alphas_cumprod[grid_point], config.prediction_type, clip_range
@@ -312,7 +320,7 @@ def inverted_noise(
     if x0_projection not in NOISE_X0_PROJECTIONS:
         raise ValueError(f"x0_projection must be one of {NOISE_X0_PROJECTIONS}, got {x0_projection!r}")
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
-    last = torch.full((len(x0),), int(inverse_scheduler.timesteps[-1]), device=x0.device, dtype=torch.long)
+    last = torch.full((len(x0),), int(inverse_scheduler.timesteps[-1]), dtype=torch.long)
     # "exact" onto the last grid point is the full grid inversion: its final step is the grid step onto τ_K.
     x_inv = ddim_invert(
         inversion_unet,
@@ -325,7 +333,7 @@ def inverted_noise(
         generator=generator,
         added_cond_kwargs=added_cond_kwargs,
     )
-    noise = implied_noise(x_inv, x0.float(), last, alphas_cumprod)
+    noise = implied_noise(x_inv, x0.float(), last.to(x0.device), alphas_cumprod)
     if x0_projection == "remove":
         noise = remove_x0_component(noise, x0.float())
     return standardise(noise)
@@ -526,16 +534,23 @@ def score_pairs(
     beta,
     added_cond_kwargs=None,
     loss_type="sigmoid",
+    policy_dtype=torch.float32,
 ):
     """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref.
+
+    The policy's inputs are cast to `policy_dtype`, the dtype of its trainable weights: float32 under accelerate's
+    mixed precision (autocast runs the matmuls in half precision), bf16/fp16 under DeepSpeed, which casts the whole
+    module and runs no autocast.
 
     Args: latents, target (2B, C, H, W) winners first; timesteps (2B,); encoder_hidden_states (2B, L, D);
     reference_errors (2B,). Returns (loss, metrics) as `inpo_loss`, metrics also holding the mean timestep.
     """
+    added_cond_kwargs = {k: v.to(policy_dtype) for k, v in (added_cond_kwargs or {}).items()}
     model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-    policy_errors = per_sample_mse(
-        policy_unet(latents, timesteps, encoder_hidden_states, **model_kwargs).sample, target
-    )
+    prediction = policy_unet(
+        latents.to(policy_dtype), timesteps, encoder_hidden_states.to(policy_dtype), **model_kwargs
+    ).sample
+    policy_errors = per_sample_mse(prediction, target)
     reference_errors = reference_errors.to(policy_errors)
     loss, metrics = inpo_loss(*policy_errors.chunk(2), *reference_errors.chunk(2), beta, loss_type)
     metrics["timestep"] = timesteps.float().mean()
@@ -561,6 +576,7 @@ def inpo_step_loss(
     fresh_noise_mix=0.0,
     hybrid_start=0,
     timestep_range=None,
+    policy_dtype=torch.float32,
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
@@ -572,6 +588,7 @@ def inpo_step_loss(
         timesteps: optional (B,) per-pair timesteps; when None, sampled uniformly from {low, ..., high−1} with
             (low, high) = `timestep_range`, by default (0, T).
         latent_source, eta, endpoint, x0_projection, fresh_noise_mix, hybrid_start: as `source_latents`.
+        policy_dtype: as `score_pairs`.
     Returns: (loss, metrics) as `score_pairs`.
     """
     num_pairs = len(x0) // 2
@@ -610,6 +627,7 @@ def inpo_step_loss(
         beta,
         added_cond_kwargs,
         loss_type,
+        policy_dtype,
     )
 
 
@@ -984,6 +1002,7 @@ def cached_step_loss(
     reference_unet=None,
     generator=None,
     timestep_range=None,
+    policy_dtype=torch.float32,
 ):
     """InPO loss and metrics for B pairs read from the cache: one policy forward (and, with fresh noise, one
     reference forward without grad).
@@ -996,8 +1015,8 @@ def cached_step_loss(
 
     Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
     inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
-    stored e_ref (timesteps and reference_errors unused with fresh noise, and None from a noise-only cache).
-    Returns (loss, metrics) as `score_pairs`.
+    stored e_ref (timesteps and reference_errors unused with fresh noise, and None from a noise-only cache);
+    policy_dtype as `score_pairs`. Returns (loss, metrics) as `score_pairs`.
     """
     if fresh_noise_mix > 0 and (noise is None or reference_unet is None):
         raise ValueError("fresh_noise_mix needs an inverted-noise cache (`noise`) and the `reference_unet`.")
@@ -1029,4 +1048,5 @@ def cached_step_loss(
         beta,
         added_cond_kwargs,
         loss_type,
+        policy_dtype,
     )

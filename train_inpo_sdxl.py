@@ -14,6 +14,7 @@ lines, kept identical by `python utils/check_copies.py` (`--fix` rewrites them);
 
 import argparse
 import copy
+import datetime
 import io
 import json
 import logging
@@ -28,7 +29,15 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    send_to_device,
+    set_seed,
+)
 from datasets.distributed import split_dataset_by_node
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -144,7 +153,13 @@ def add_model_and_data_args(parser, default_resolution):
         default=1000,
         help="With --streaming: pairs held in memory to shuffle from (Pick-a-Pic: ~1 MB each).",
     )
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="Processes decoding images beside each training process (default: 2, so JPEG decoding overlaps the "
+        "GPU's work; 0 with --streaming, which reads in the training process).",
+    )
     group.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encode call.")
 
 
@@ -311,8 +326,16 @@ def add_optimization_args(parser, default_output_dir):
         "--skip_nonfinite_steps",
         type=int,
         default=0,
-        help="Optimizer steps with a non-finite loss or gradient to skip before stopping (default: "
-        "stop at the first).",
+        help="Optimizer steps with a non-finite loss (or, without fp16's loss scaling, a non-finite gradient) to "
+        "skip before stopping (default: stop at the first). Under fp16 a gradient overflow is not counted here: the "
+        "GradScaler skips that step and lowers its scale, as in every fp16 run.",
+    )
+    group.add_argument(
+        "--nccl_timeout",
+        type=int,
+        default=1800,
+        help="Seconds a process waits in a collective (barrier, all-reduce) for the others before the run fails, "
+        "e.g. while the main process writes validation images or a checkpoint.",
     )
     group.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's config."
@@ -457,12 +480,14 @@ def validate_args(args):
             )
     if args.cache_shard_size < 1:
         problems.append("--cache_shard_size must be at least 1.")
+    if args.nccl_timeout < 1:
+        problems.append(f"--nccl_timeout must be at least 1 second, got {args.nccl_timeout}.")
     if args.streaming:
         if args.max_train_steps is None:
             problems.append("--streaming needs --max_train_steps: a stream's length is unknown until it is read.")
         if args.max_train_samples is not None:
             problems.append("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps.")
-        if args.dataloader_num_workers > 0:
+        if args.dataloader_num_workers:
             problems.append(
                 "--streaming reads in the training process (workers would split the stream by file and "
                 "lose the resume position); drop --dataloader_num_workers."
@@ -496,6 +521,8 @@ def validate_args(args):
         )
     if args.latent_source == "hybrid" and args.hybrid_forward_until is None:
         args.hybrid_forward_until = 500
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = 0 if args.streaming else 2
 
 
 # Copied from train_inpo.check_sharding
@@ -639,9 +666,15 @@ def load_split(dataset_name, split, cache_dir, streaming=False):
 
 
 # Copied from train_inpo.load_preference_dataset
-def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print):
+def load_preference_dataset(
+    dataset_name, split, cache_dir=None, max_train_samples=None, seed=None, log=print, accelerator=None
+):
     """Load a Pick-a-Pic-format dataset (hub id or local folder of parquet files), validate it, drop ties and
     unusable rows, and return it. Runs before any model is loaded, so a bad dataset fails in seconds.
+
+    With an `accelerator`, every process loads the split (datasets' file locks let one download it while the others
+    wait on the lock, not in a collective) and checks its share of the rows; the shares' findings are gathered, so
+    no process waits in a barrier for a scan of the whole dataset.
     """
     dataset = load_split(dataset_name, split, cache_dir)
     check_pair_columns(dataset_name, dataset.column_names)
@@ -652,12 +685,17 @@ def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_sampl
     num_ties = len(labels) - len(decided)
     dataset = dataset.select(decided)
     if max_train_samples is not None:
-        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+        # Seeded even without --seed: every process must keep the same pairs.
+        dataset = dataset.shuffle(seed=seed or 0).select(range(min(max_train_samples, len(dataset))))
 
-    problems = (
+    process_index, num_processes = (
+        (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    )
+    share = range(process_index, len(dataset), num_processes)
+    share_problems = (
         []
-        if len(dataset) == 0
-        else dataset.map(
+        if len(share) == 0
+        else dataset.select(share).map(
             lambda batch: {
                 "problem": [find_problem(*row) for row in zip(batch["caption"], batch["jpg_0"], batch["jpg_1"])]
             },
@@ -666,6 +704,10 @@ def load_preference_dataset(dataset_name, split, cache_dir=None, max_train_sampl
             desc="Checking pairs",
         )["problem"]
     )
+    findings = list(zip(share, share_problems))
+    if num_processes > 1:
+        findings = gather_object(findings)
+    problems = [problem for _, problem in sorted(findings)]
     skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
     dataset = dataset.select([i for i, problem in enumerate(problems) if not problem])
     reasons = {}
@@ -751,9 +793,21 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def decoded(self, index):
+        """Pair `index` transformed, or None when an image body does not decode."""
         rng = np.random.default_rng((self.seed, self.epoch, index))
         return transform_pair(self.dataset[index], index, self.resolution, rng, self.random_crop, self.hflip)
+
+    def __getitem__(self, index):
+        # A pair whose image body fails to decode (its header passed `find_problem`) is replaced by the next one that
+        # decodes: every process must bring a batch to every step, or the others wait for it in a collective.
+        for offset in range(len(self)):
+            example = self.decoded((index + offset) % len(self))
+            if example is not None:
+                if offset:
+                    logging.getLogger(__name__).warning(f"Training on pair {example['index']} in place of {index}.")
+                return example
+        raise ValueError("No pair of the dataset decodes; check the image bytes.")
 
 
 # Copied from train_inpo.load_preference_stream
@@ -852,10 +906,7 @@ class StreamingPairs(torch.utils.data.IterableDataset):
 
 # Copied from train_inpo.collate_pairs
 def collate_pairs(examples):
-    """Batch B pairs as 2B rows, winners first. Pairs that failed to decode (None) are dropped."""
-    examples = [example for example in examples if example is not None]
-    if not examples:
-        return None
+    """Batch B pairs as 2B rows, winners first."""
 
     def winners_then_losers(key):
         stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
@@ -873,7 +924,8 @@ def collate_pairs(examples):
 # Copied from train_inpo.make_dataloader
 def make_dataloader(pairs, collate_fn, args):
     """Shuffled batches of pairs; `accelerator.prepare` then gives each process its own share of every epoch.
-    A stream (StreamingPairs) shuffles and splits itself."""
+    A stream (StreamingPairs) shuffles and splits itself. Pinned memory makes the copies to a GPU asynchronous;
+    workers are not persistent, so each epoch's workers see the epoch its augmentation is drawn for (`set_epoch`)."""
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
     return torch.utils.data.DataLoader(
         pairs,
@@ -881,6 +933,7 @@ def make_dataloader(pairs, collate_fn, args):
         shuffle=not streaming,
         collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -910,15 +963,15 @@ def load_training_data(args, accelerator, scheduler_config):
         )
         pairs = StreamingPairs(stream, args.resolution, args.random_crop, not args.no_hflip, seed, accelerator)
         return pairs, collate_pairs, None
-    with accelerator.main_process_first():
-        dataset = load_preference_dataset(
-            args.dataset_name,
-            args.dataset_split_name,
-            args.cache_dir,
-            args.max_train_samples,
-            args.seed,
-            log=logger.info,
-        )
+    dataset = load_preference_dataset(
+        args.dataset_name,
+        args.dataset_split_name,
+        args.cache_dir,
+        args.max_train_samples,
+        args.seed,
+        log=logger.info,
+        accelerator=accelerator,
+    )
     pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
     return pairs, collate_pairs, dataset
 
@@ -939,6 +992,7 @@ def make_accelerator(args):
         ),
         # Epoch shuffles from (seed, epoch), so a resumed run reads pairs in the uninterrupted order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.nccl_timeout))],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.seed is not None:
@@ -968,6 +1022,21 @@ def weight_loading_kwargs(args):
     }
 
 
+def load_vae(args, accelerator):
+    """The VAE, frozen: --pretrained_vae_model_name_or_path if given, else the base model's. The original SDXL VAE
+    overflows in fp16, so under fp16 it stays in fp32; only a VAE made for it (the fp16-fix) runs in half."""
+    weights = weight_loading_kwargs(args)
+    if args.pretrained_vae_model_name_or_path:
+        vae_weights = dict(weights, revision=None, variant=None)
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **vae_weights)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", **weights)
+    weight_dtype = weight_dtype_of(accelerator)
+    fp16_base_vae = weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path
+    vae_dtype = torch.float32 if fp16_base_vae else weight_dtype
+    return vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype).eval()
+
+
 def load_frozen_models(args, accelerator):
     """Both tokenizers and text encoders and the VAE, frozen, keyed by their pipeline names."""
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
@@ -978,20 +1047,11 @@ def load_frozen_models(args, accelerator):
         "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common),
         "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
+        "vae": load_vae(args, accelerator),
     }
-    if args.pretrained_vae_model_name_or_path:
-        vae_weights = dict(weights, revision=None, variant=None)
-        frozen["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **vae_weights)
-    else:
-        frozen["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-
     weight_dtype = weight_dtype_of(accelerator)
     for encoder in (frozen["text_encoder"], frozen["text_encoder_2"]):
         encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
-    # The original SDXL VAE overflows in fp16; only a VAE made for it (the fp16-fix) runs in half precision.
-    fp16_base_vae = weight_dtype == torch.float16 and not args.pretrained_vae_model_name_or_path
-    vae_dtype = torch.float32 if fp16_base_vae else weight_dtype
-    frozen["vae"].requires_grad_(False).to(accelerator.device, dtype=vae_dtype).eval()
     return frozen
 
 
@@ -1003,7 +1063,10 @@ def load_unet(args):
 
 
 def make_pipeline(args, accelerator, **components):
-    """The base SDXL pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving."""
+    """The base SDXL pipeline with `components` (e.g. the trained UNet) swapped in, for validation and saving.
+    Without a VAE among them (training from the cache) the run's VAE is loaded as for training (`load_vae`)."""
+    if "vae" not in components:
+        components["vae"] = load_vae(args, accelerator)
     pipeline = StableDiffusionXLPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         torch_dtype=weight_dtype_of(accelerator),
@@ -1102,10 +1165,21 @@ def make_lr_scheduler(optimizer, args, num_processes):
     )
 
 
+# Copied from train_inpo.lora_scale
+def lora_scale(unet):
+    """alpha / rank of the UNet's LoRA adapter: the factor peft applies to its up projections."""
+    config = unet.peft_config["default"]
+    return config.lora_alpha / config.r
+
+
 # Copied from train_inpo.lora_layers
 def lora_layers(unet):
-    """The UNet's LoRA weights in diffusers' format (what `save_lora_weights` writes)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The UNet's LoRA weights in diffusers' format (what `save_lora_weights` writes), with alpha / rank folded
+    into the up projections: diffusers (every version) and kohya tools read a LoRA file without adapter metadata
+    at alpha = rank, so the file loads at the strength it was trained with."""
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    scale = lora_scale(unet)
+    return {name: weight * scale if ".lora.up." in name else weight for name, weight in layers.items()}
 
 
 # Copied from train_inpo.register_checkpoint_hooks with StableDiffusionPipeline->StableDiffusionXLPipeline
@@ -1133,9 +1207,10 @@ def register_checkpoint_hooks(accelerator, args):
             if args.train_mode == "lora":
                 state_dict, _ = StableDiffusionXLPipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
                 unet_state = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
-                incompatible = set_peft_model_state_dict(
-                    model, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
-                )
+                peft_state = convert_unet_state_dict_to_peft(unet_state)
+                scale = lora_scale(model)  # saved with alpha / rank folded in (`lora_layers`)
+                peft_state = {k: v / scale if ".lora_B." in k else v for k, v in peft_state.items()}
+                incompatible = set_peft_model_state_dict(model, peft_state, adapter_name="default")
                 if incompatible is not None and incompatible.unexpected_keys:
                     raise ValueError(
                         f"Checkpoint {input_dir} has LoRA weights this model lacks: "
@@ -1184,8 +1259,11 @@ class StepRandomness:
 # Copied from train_inpo.drop_captions
 def drop_captions(captions, proportion, generator):
     """Replace a `proportion` of captions by '' (unconditional training signal)."""
+    # Drawn even when nothing is dropped, so the step's later draws do not depend on the proportion.
     drop = torch.rand(len(captions), generator=generator, device=generator.device)
-    return ["" if dropped else caption for caption, dropped in zip(captions, drop < proportion)]
+    if proportion == 0:
+        return list(captions)
+    return ["" if dropped else caption for caption, dropped in zip(captions, (drop < proportion).tolist())]
 
 
 # Copied from train_inpo.encode_images
@@ -1238,6 +1316,13 @@ def encode_prompt(batch, frozen, args, generator):
     return torch.cat(hidden_states, dim=-1).repeat(2, 1, 1), added_cond_kwargs
 
 
+# Copied from train_inpo.policy_input_dtype
+def policy_input_dtype(accelerator, unet):
+    """The dtype of the policy's trainable weights, which its inputs take: float32 under accelerate's mixed
+    precision (autocast casts down), the module's own bf16/fp16 under DeepSpeed, which runs no autocast."""
+    return next(p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad).dtype
+
+
 # Copied from train_inpo.compute_loss
 def compute_loss(
     x0, encoder_hidden_states, added_cond_kwargs, unet, reference, inverse_scheduler, args, accelerator, generator
@@ -1265,6 +1350,7 @@ def compute_loss(
             fresh_noise_mix=args.fresh_noise_mix,
             hybrid_start=inpo_utils.hybrid_start_timestep(args.hybrid_forward_until or 0, inverse_scheduler),
             timestep_range=args.timestep_range,
+            policy_dtype=policy_input_dtype(accelerator, unet),
         )
 
 
@@ -1297,6 +1383,7 @@ def compute_cached_loss(batch, unet, reference, inverse_scheduler, args, acceler
             reference_unet=reference,
             generator=generator,
             timestep_range=args.timestep_range,
+            policy_dtype=policy_input_dtype(accelerator, unet),
         )
 
 
@@ -1419,13 +1506,31 @@ def resume_position(args, accelerator, streaming, updates_per_epoch):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_inpo.accumulate_metrics
+def accumulate_metrics(accumulated, metrics, gradient_accumulation_steps):
+    """Add a micro-batch's scalar metric tensors into `accumulated` (on the device: no host sync per micro-batch)."""
+    for name, value in metrics.items():
+        accumulated[name] = accumulated.get(name, 0.0) + value.detach().float() / gradient_accumulation_steps
+    return accumulated
+
+
 # Copied from train_inpo.gather_mean
 def gather_mean(accelerator, metrics):
-    """Average a dict of scalar tensors over processes; returns floats."""
+    """Average a dict of scalar tensors over processes; returns floats (one gather, one host sync)."""
     names = sorted(metrics)
-    stacked = torch.stack([metrics[name].detach().float() for name in names])
+    stacked = torch.stack([metrics[name] for name in names])
     gathered = accelerator.gather(stacked[None]).mean(dim=0)
-    return {name: value.item() for name, value in zip(names, gathered)}
+    return dict(zip(names, gathered.tolist()))
+
+
+# Copied from train_inpo.uses_loss_scaling
+def uses_loss_scaling(accelerator):
+    """fp16 training with a loss scaler, which skips the steps whose gradients overflow: accelerate's GradScaler,
+    or DeepSpeed's own (which steps inside `backward`)."""
+    deepspeed_fp16 = (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "fp16"
+    )
+    return accelerator.scaler is not None or deepspeed_fp16
 
 
 # Copied from train_inpo.all_finite
@@ -1433,6 +1538,23 @@ def all_finite(accelerator, value):
     """True when `value` is finite on every process."""
     flag = torch.isfinite(value).all().float().reshape(1)
     return bool(accelerator.gather(flag).min() > 0)
+
+
+# Copied from train_inpo.MAX_CONSECUTIVE_OVERFLOW_STEPS
+MAX_CONSECUTIVE_OVERFLOW_STEPS = 30
+
+
+# Copied from train_inpo.check_overflow_steps
+def check_overflow_steps(consecutive_overflow_steps, global_step, accelerator):
+    """Stop when the loss scaler has skipped too many optimizer steps in a row; single overflows are routine."""
+    if consecutive_overflow_steps < MAX_CONSECUTIVE_OVERFLOW_STEPS:
+        return
+    scale = f" (loss scale now {accelerator.scaler.get_scale():.3g})" if accelerator.scaler is not None else ""
+    raise FloatingPointError(
+        f"The fp16 loss scaler skipped the last {consecutive_overflow_steps} optimizer steps, up to step "
+        f"{global_step}, for overflowing gradients{scale}: the gradients are non-finite at any scale. Lower "
+        "--learning_rate or --beta_dpo, or train in bf16 (--mixed_precision bf16)."
+    )
 
 
 # Copied from train_inpo.check_nonfinite_step
@@ -1485,23 +1607,35 @@ def exportable_policy(accelerator, unet):
     return policy.to(accelerator.device)
 
 
+# Copied from train_inpo.decode_latents
+@torch.no_grad()
+def decode_latents(pipeline, latents):
+    """Latents → PIL images through the pipeline's VAE in its own dtype. Called outside autocast, which would run
+    a VAE kept in fp32 (SDXL's base VAE overflows in fp16: black images) in fp16 all the same."""
+    vae = pipeline.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
 # Copied from train_inpo.log_validation_images
 def log_validation_images(accelerator, pipeline, prompts, seed, resolution, step, tag="validation"):
     """Generate one image per prompt with a fixed seed, log them to the trackers, return them (PIL)."""
     pipeline.set_progress_bar_config(disable=True)
-    # Prompt i gets seed + i, as in evaluate_inpo.py, so an image does not depend on the prompts before it.
-    # Autocast: mid-run the UNet mixes fp32 LoRA weights with half-precision base weights and the VAE is half.
-    with accelerator.autocast():
-        images = [
-            pipeline(
+    images = []
+    for i, prompt in enumerate(prompts):
+        # Prompt i gets seed + i, as in evaluate_inpo.py, so an image does not depend on the prompts before it.
+        generator = torch.Generator(device=accelerator.device).manual_seed((seed or 0) + i)
+        # Autocast for the denoising only: mid-run the UNet mixes fp32 trainable weights with half-precision ones.
+        with accelerator.autocast():
+            latents = pipeline(
                 prompt,
                 num_inference_steps=25,
                 height=resolution,
                 width=resolution,
-                generator=torch.Generator(device=accelerator.device).manual_seed((seed or 0) + i),
-            ).images[0]
-            for i, prompt in enumerate(prompts)
-        ]
+                generator=generator,
+                output_type="latent",
+            ).images
+        images += decode_latents(pipeline, latents)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
@@ -1589,9 +1723,10 @@ def save_kohya_lora(output_dir):
     save_file(kohya_lora, os.path.join(output_dir, KOHYA_LORA_WEIGHT_NAME))
 
 
-# Copied from train_inpo.save_and_validate with StableDiffusionPipeline->StableDiffusionXLPipeline
-def save_and_validate(args, accelerator, unet, frozen):
-    """The final save (diffusers-format LoRA or a full pipeline), validation of what was saved, the model card."""
+# Copied from train_inpo.save_trained_weights with StableDiffusionPipeline->StableDiffusionXLPipeline
+def save_trained_weights(args, accelerator, unet, frozen):
+    """The final save on the main process: the diffusers-format LoRA (and its kohya copy) or a full pipeline.
+    Call on every process: under FSDP the shards are gathered first."""
     policy = exportable_policy(accelerator, unet)
     if not accelerator.is_main_process:
         return
@@ -1599,15 +1734,26 @@ def save_and_validate(args, accelerator, unet, frozen):
         StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers(policy))
         if args.output_kohya_format:
             save_kohya_lora(args.output_dir)
-        # Validate what users will load: the saved file on a fresh base pipeline.
-        final_pipeline = make_pipeline(args, accelerator, **frozen) if args.run_validation else None
-        if final_pipeline is not None:
-            final_pipeline.load_lora_weights(args.output_dir)
     else:
-        final_pipeline = make_pipeline(args, accelerator, unet=policy.to(weight_dtype_of(accelerator)), **frozen)
-        final_pipeline.save_pretrained(args.output_dir)
+        pipeline = make_pipeline(args, accelerator, unet=policy.to(weight_dtype_of(accelerator)), **frozen)
+        pipeline.save_pretrained(args.output_dir)
+
+
+# Copied from train_inpo.validate_saved_weights
+def validate_saved_weights(args, accelerator, frozen):
+    """Validation images from what users will load (the saved LoRA on a fresh base pipeline, or the saved UNet),
+    then the model card. Main process, after the training state is freed: only the frozen models and one UNet are
+    in memory."""
     images = None
     if args.run_validation:
+        if args.train_mode == "lora":
+            final_pipeline = make_pipeline(args, accelerator, **frozen)
+            final_pipeline.load_lora_weights(args.output_dir)
+        else:
+            saved = UNet2DConditionModel.from_pretrained(
+                args.output_dir, subfolder="unet", torch_dtype=weight_dtype_of(accelerator)
+            )
+            final_pipeline = make_pipeline(args, accelerator, unet=saved, **frozen)
         images = log_validation_images(
             accelerator,
             final_pipeline,
@@ -1631,8 +1777,9 @@ def save_and_validate(args, accelerator, unet, frozen):
 def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint):
     """Write the cache shard by shard: x0, text conditioning, inverted latents and reference errors.
 
-    Shard i holds pairs [i·S, (i+1)·S) and is written by process i mod N, so an interrupted precompute resumes
-    with the shards that are missing. The manifest is written last.
+    Shard i holds pairs [i·S, (i+1)·S); its contents depend only on i, not on who writes it. The shards still
+    missing are dealt out to the processes in turn, so a resumed precompute keeps every process equally busy and
+    none waits long at the final barrier. The manifest is written last.
     """
     cache_dir = args.inversion_cache_dir
     if accelerator.is_main_process:
@@ -1641,11 +1788,13 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
     seed = 0 if args.seed is None else args.seed
     pairs = PreferencePairs(dataset, args.resolution, args.random_crop, not args.no_hflip, seed)
     num_shards = math.ceil(len(pairs) / args.cache_shard_size)
-    my_shards = list(range(accelerator.process_index, num_shards, accelerator.num_processes))
-    todo = [i for i in my_shards if not os.path.isfile(inpo_utils.shard_file(cache_dir, i))]
+    missing = [i for i in range(num_shards) if not os.path.isfile(inpo_utils.shard_file(cache_dir, i))]
+    accelerator.wait_for_everyone()  # every process lists the missing shards before any writes one
+    todo = missing[accelerator.process_index :: accelerator.num_processes]
     logger.info(
-        f"Inversion cache {cache_dir}: {num_shards} shards, {len(my_shards) - len(todo)} of this process's "
-        f"{len(my_shards)} already written."
+        f"Inversion cache {cache_dir}: {num_shards} shards, {num_shards - len(missing)} already written; "
+        f"{len(todo)} of the missing {len(missing)} to this process.",
+        main_process_only=False,
     )
     progress = tqdm(
         total=sum(min(args.cache_shard_size, len(pairs) - i * args.cache_shard_size) for i in todo),
@@ -1661,7 +1810,7 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
         indices = range(shard * args.cache_shard_size, min((shard + 1) * args.cache_shard_size, len(pairs)))
         columns = {}
         for start in range(0, len(indices), args.train_batch_size):
-            examples = [(i, pairs[i]) for i in indices[start : start + args.train_batch_size]]
+            examples = [(i, pairs.decoded(i)) for i in indices[start : start + args.train_batch_size]]
             kept = [(i, example) for i, example in examples if example is not None]
             progress.update(len(examples))
             if not kept:
@@ -1763,7 +1912,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     scheduler_config, pairs, collate_fn, dataset, frozen, unet = check_and_load(args, accelerator)
-    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
+    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps, accelerator.device)
     if args.timestep_range is not None and args.timestep_range[1] > scheduler_config["num_train_timesteps"]:
         raise ValueError(
             f"--timestep_range {args.timestep_range} reaches past the scheduler's "
@@ -1793,7 +1942,9 @@ def main(argv=None):
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    accumulated, window_is_finite, nonfinite_steps = {}, True, 0
+    accumulated, window_loss_is_finite = {}, True
+    loss_scaling = uses_loss_scaling(accelerator)
+    nonfinite_steps, overflow_steps, consecutive_overflow_steps = 0, 0, 0
     step_started = time.perf_counter()
     for epoch in range(first_epoch, num_epochs):
         unet.train()
@@ -1806,8 +1957,6 @@ def main(argv=None):
         if epoch == first_epoch and batches_to_skip:
             epoch_loader = accelerator.skip_first_batches(dataloader, batches_to_skip)
         for batch in epoch_loader:
-            if batch is None:
-                continue
             with accelerator.accumulate(unet):
                 if "x0" in batch:  # a batch of the inversion cache: latents, conditioning and e_ref stored
                     loss, metrics = compute_cached_loss(
@@ -1827,29 +1976,45 @@ def main(argv=None):
                         accelerator,
                         generator,
                     )
-                # Decided on the values of every process, so all of them skip or step together.
+                # A non-finite loss is never backpropagated. Decided on the values of every process, so all of them
+                # enter backward's collectives or none does.
                 if all_finite(accelerator, loss.detach()):
                     accelerator.backward(loss)
                 else:
-                    window_is_finite = False
-                if accelerator.sync_gradients and window_is_finite and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    window_is_finite = all_finite(accelerator, torch.as_tensor(grad_norm, device=accelerator.device))
-                if accelerator.sync_gradients and window_is_finite:
-                    optimizer.step()
-                    lr_scheduler.step()
+                    window_loss_is_finite = False
+                stepped = False
+                if accelerator.sync_gradients and window_loss_is_finite:
+                    # Unscales under fp16 first; the norm of the all-reduced gradients is the same on every process.
+                    grad_norm = (
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if args.max_grad_norm > 0 else None
+                    )
+                    # With a loss scaler the step is always taken: on overflowing gradients the scaler skips the
+                    # update and lowers its scale (and the lr schedule waits). Without one, we skip it ourselves.
+                    if loss_scaling or grad_norm is None or math.isfinite(grad_norm):
+                        optimizer.step()
+                        lr_scheduler.step()
+                        stepped = True
                 optimizer.zero_grad(set_to_none=True)
-            for name, value in gather_mean(accelerator, metrics).items():
-                accumulated[name] = accumulated.get(name, 0.0) + value / args.gradient_accumulation_steps
+            accumulated = accumulate_metrics(accumulated, metrics, args.gradient_accumulation_steps)
             if not accelerator.sync_gradients:
                 continue
-            if not window_is_finite:
+            accumulated = gather_mean(accelerator, accumulated)
+            window_loss_is_finite = True
+            if not stepped:
                 nonfinite_steps += 1
                 check_nonfinite_step(args, accumulated, global_step, nonfinite_steps)
-            window_is_finite = True
+            elif accelerator.optimizer_step_was_skipped:
+                overflow_steps += 1
+                consecutive_overflow_steps += 1
+                check_overflow_steps(consecutive_overflow_steps, global_step + 1, accelerator)
+            else:
+                consecutive_overflow_steps = 0
             global_step += 1
             progress.update(1)
             accumulated["skipped_nonfinite_steps"] = nonfinite_steps
+            accumulated["skipped_overflow_steps"] = overflow_steps
+            if accelerator.scaler is not None:
+                accumulated["loss_scale"] = accelerator.scaler.get_scale()
             accumulated["lr"] = lr_scheduler.get_last_lr()[0]
             # Seconds per optimizer step, excluding checkpointing and validation (logged for benchmarks/).
             accumulated["step_time"] = time.perf_counter() - step_started
@@ -1867,7 +2032,12 @@ def main(argv=None):
     if accelerator.distributed_type != DistributedType.FSDP:  # FSDP's processes hold different shards by design
         check_replicas_in_sync(accelerator, trainable)
     accelerator.wait_for_everyone()
-    save_and_validate(args, accelerator, unet, frozen)
+    save_trained_weights(args, accelerator, unet, frozen)
+    # Free the training UNet, its reference and the optimizer state before the final validation loads a fresh UNet.
+    del unet, reference, trainable, optimizer, dataloader, lr_scheduler
+    accelerator.free_memory()
+    if accelerator.is_main_process:
+        validate_saved_weights(args, accelerator, frozen)
     accelerator.end_training()
 
 

@@ -14,6 +14,7 @@
 """Fixtures: tiny pipelines and a tiny Pick-a-Pic dataset (built by fixtures.py), and ways to launch the scripts."""
 
 import contextlib
+import importlib
 import io
 import logging
 import multiprocessing
@@ -80,9 +81,12 @@ def pickapic(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def uninterrupted(tiny_sd, pickapic, tmp_path_factory):
-    """A 6-step LoRA run saving every 2 steps: what interrupted and resumed runs must reproduce."""
+    """A 6-step LoRA run saving every 2 steps: what interrupted and resumed runs must reproduce. Its pairs are
+    decoded by data loader workers (the default of a real run; the other tiny runs decode in the process), so
+    the resumed runs, which decode in the process, also check that workers draw the same augmentation."""
     out = str(tmp_path_factory.mktemp("uninterrupted"))
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2))
+    flags = tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2, dataloader_num_workers=2)
+    launch("train_inpo.py", *flags)
     return out
 
 
@@ -199,9 +203,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _run_rank(argv, env, stdout_path, stderr_path):
-    """One process of a multi-process run: what torchrun would start, forked from the preloaded server."""
+def _run_rank(argv, env, stdout_path, stderr_path, rank_setup=None):
+    """One process of a multi-process run: what torchrun would start, forked from the preloaded server.
+    `rank_setup` names a function of tests/rank_faults.py to call first (a fault to inject)."""
     os.environ.update(env)
+    if rank_setup is not None:
+        getattr(importlib.import_module("rank_faults"), rank_setup)()
     _shorten_datasets_thread_shutdown_sleep()
     sys.stdout = open(stdout_path, "w", buffering=1)
     sys.stderr = open(stderr_path, "w", buffering=1)
@@ -220,10 +227,11 @@ def _run_rank(argv, env, stdout_path, stderr_path):
     os._exit(code)
 
 
-def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=600):
+def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=600, env=None, rank_setup=None):
     """`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 script ARGS`: `nproc` gloo processes with torchrun's
     environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), so accelerate runs MULTI_CPU. With `deepspeed`, ZeRO-2 through
-    tests/deepspeed_cpu.py. stdout and stderr are those of all processes, rank 0 first."""
+    tests/deepspeed_cpu.py; `env` adds variables (e.g. ACCELERATE_MIXED_PRECISION); `rank_setup` as `_run_rank`.
+    stdout and stderr are those of all processes, rank 0 first."""
     context = _process_context()
     common = {
         "MASTER_ADDR": "127.0.0.1",
@@ -233,6 +241,7 @@ def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=6
         "OMP_NUM_THREADS": "1",
     }
     common.update(DEEPSPEED_ZERO2_ENV if deepspeed else {"ACCELERATE_USE_CPU": "1"})
+    common.update(env or {})
     shim = [os.path.join(REPO, "tests", "deepspeed_cpu.py")] if deepspeed else []
     argv = [*shim, os.path.join(REPO, script), *map(str, args)]
     logs = tempfile.mkdtemp(prefix="ranks-")
@@ -240,7 +249,7 @@ def run_processes(script, *args, nproc=2, deepspeed=False, check=True, timeout=6
     for rank in range(nproc):
         env = dict(common, RANK=str(rank), LOCAL_RANK=str(rank))
         paths = (os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err"))
-        processes.append(context.Process(target=_run_rank, args=(argv, env, *paths)))
+        processes.append(context.Process(target=_run_rank, args=(argv, env, *paths, rank_setup)))
         processes[-1].start()
     deadline = time.time() + timeout
     # A process that fails leaves the others waiting in a collective: stop them all, as torchrun does.
@@ -278,6 +287,7 @@ def tiny_run_args(model, data, output_dir, steps=4, **overrides):
         "seed": 0,
         "report_to": "tensorboard",
         "checkpointing_steps": 1000,
+        "dataloader_num_workers": 0,
     }
     flags.update(overrides)
     args = []

@@ -1,18 +1,24 @@
 """Two CPU processes (gloo) through torchrun: data sharding, synchronised weights, cross-process-count resume."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 
+import numpy as np
 import pytest
+import rank_faults
 import torch
 from safetensors.torch import load_file
 
 import train_inpo
+from benchmarks.pickapic_format import encode_png
 from conftest import REPO, launch, read_scalars, run_processes, tiny_run_args
+from fixtures import build_tiny_pickapic
 
 
 def torchrun(script, *args):
@@ -89,6 +95,23 @@ def test_deepspeed_zero2_full_fine_tune_exports_a_loadable_pipeline(tiny_sd, pic
     assert all(torch.equal(p, saved.get_parameter(n)) for n, p in tuned.named_parameters())
 
 
+def test_deepspeed_zero2_bf16_lora_trains(tiny_sd, pickapic, tmp_path):
+    # bf16 as on a GPU: DeepSpeed casts the whole UNet to bf16 and runs no autocast, so the policy's inputs must be
+    # cast to its dtype.
+    pytest.importorskip("deepspeed")
+    out = str(tmp_path / "run")
+    result = run_processes(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, out, steps=1),
+        deepspeed=True,
+        env={"ACCELERATE_MIXED_PRECISION": "bf16"},
+    )
+    assert "Mixed precision type: bf16" in result.stderr and "DistributedType.DEEPSPEED" in result.stderr
+    assert all(math.isfinite(loss) for loss in read_scalars(out, "loss").values())
+    lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(weight).all() for weight in lora.values())
+
+
 def test_deepspeed_zero2_lora_resumes_exactly_in_two_processes_and_loads_in_diffusers(tiny_sd, pickapic, tmp_path):
     # Also the regression test for resuming any 2-process checkpoint in 2 processes (rank 1's generator state).
     pytest.importorskip("deepspeed")
@@ -128,11 +151,37 @@ def test_fsdp_refuses_what_it_cannot_run():
         train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
 
 
-def test_two_process_sdxl_run(tiny_sdxl, pickapic, tmp_path):
+def test_two_process_sdxl_run_survives_a_pair_that_fails_to_decode_on_one_process(tiny_sdxl, tmp_path):
+    # Batch 1: the process that draws the broken pair would have no batch while the other enters the step's
+    # collectives; it trains on the next pair instead. Every pair is drawn in the run's 5 steps (9 pairs, 2 processes).
+    intact = encode_png(np.full((40, 48, 3), 200, dtype=np.uint8))
+    broken = {"caption": "a red square", "jpg_0": intact, "jpg_1": intact[: len(intact) // 2], "label_0": 1.0}
+    data = build_tiny_pickapic(str(tmp_path / "data"), num_pairs=8, extra_rows=[broken])
     out = str(tmp_path / "run")
-    result = run_processes("train_inpo_sdxl.py", *tiny_run_args(tiny_sdxl, pickapic, out, steps=2))
+    result = run_processes(
+        "train_inpo_sdxl.py",
+        # No data loader workers: their log lines would not reach the processes' stderr read here.
+        *tiny_run_args(tiny_sdxl, data, out, steps=5, train_batch_size=1, dataloader_num_workers=0),
+        timeout=300,
+    )
+    assert "9 pairs kept" in result.stderr  # its header passes the scan, which the two processes shared
+    assert "image does not decode" in result.stderr and "in place of 8" in result.stderr
     assert "Trained weights identical on all 2 processes" in result.stderr
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_nccl_timeout_bounds_the_wait_for_a_slow_process(tiny_sd, pickapic, tmp_path):
+    started = time.time()
+    result = run_processes(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, str(tmp_path / "run"), steps=1, nccl_timeout=5),
+        rank_setup="slow_model_loading_on_rank_1",
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Timed out waiting 5000ms" in result.stderr  # gloo's collective, under the --nccl_timeout set here
+    assert time.time() - started < rank_faults.SLOW_RANK_DELAY_S  # rank 0 gave up; it did not wait out rank 1
 
 
 def test_example_accelerate_configs_load():

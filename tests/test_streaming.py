@@ -86,7 +86,7 @@ def test_stream_drops_ties_and_bad_rows_like_the_map_style_path(tmp_path, caplog
     map_style = train_inpo.PreferencePairs(
         train_inpo.load_preference_dataset(path, "train", log=lambda _: None), 32, hflip=False
     )
-    decodable = [example for example in map(map_style.__getitem__, range(len(map_style))) if example is not None]
+    decodable = [example for example in map(map_style.decoded, range(len(map_style))) if example is not None]
     assert len(streamed) == 4 and sorted(map(digest, streamed)) == sorted(map(digest, decodable))
     summary = next(r.message for r in caplog.records if r.message.startswith("Streamed epoch 0"))
     assert "4 pairs, 1 ties dropped, 3 rows skipped" in summary
