@@ -7,21 +7,17 @@ A batch of B preference pairs is laid out as 2B rows, winners first: rows [0, B)
 rows [B, 2B) the rejected ones, and row i and row B + i share their caption and their timestep.
 """
 
-import functools
 import json
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
 
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
-INVERSION_ENDPOINTS = ("grid", "exact")
-LATENT_SOURCES = ("inversion", "forward", "inverted_noise", "hybrid")
-NOISE_X0_PROJECTIONS = ("none", "remove")
+LATENT_SOURCES = ("inverted_noise", "inversion", "forward")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,69 +102,39 @@ def ddim_invert(
     encoder_hidden_states,
     inverse_scheduler,
     eta=0.0,
-    endpoint="grid",
     generator=None,
     added_cond_kwargs=None,
-    return_trajectory=False,
-    start_timestep=None,
 ):
-    """Run DDIM inversion of clean latents `x0` up to (about) timestep `timesteps[i]`, per sample, without grad.
+    """Run DDIM inversion of clean latents `x0` up to the last grid point below timestep `timesteps[i]`, per
+    sample, without grad (the InPO authors' inversion).
 
     For each grid point τ of `inverse_scheduler` with τ < t, the latents move from level τ−Δ (or the scheduler's
     initial ᾱ for the first step) to level τ with the UNet evaluated at τ: the `DDIMInverseScheduler.step`
-    convention. After each step, if eta > 0, `eta · σ(τ+Δ, τ) · N(0, I)` is added (`inversion_noise_std`).
-
-    endpoint="grid" (the InPO authors' behaviour) stops at the last grid point below t, so the returned latent sits
-    at level τ_last, not t. endpoint="exact" takes one more partial step from τ_last to t (UNet at t), so the
-    returned latent is at level t.
+    convention. After each step, if eta > 0, `eta · σ(τ+Δ, τ) · N(0, I)` is added (`inversion_noise_std`). The
+    returned latent sits at level τ_last, not t, as in the authors' code; t ≥ T inverts over the whole grid.
 
     Args:
         unet: a `UNet2DConditionModel` (or anything called the same way returning `.sample`).
         x0: (N, C, H, W) clean latents.
-        timesteps: (N,) long target timesteps t.
+        timesteps: (N,) long target timesteps t. On the CPU they cost no device sync.
         encoder_hidden_states: (N, L, D) text conditioning.
         inverse_scheduler: from `make_inverse_scheduler`.
         added_cond_kwargs: optional dict of (N, ...) tensors (SDXL's `text_embeds`, `time_ids`).
-        return_trajectory: also return the latents after every grid step (the inversion cache stores them).
-        start_timestep: optional grid point τ0: `x0` is then already at level τ0 (e.g. forward-noised, as
-            `hybrid_latents`) and the inversion continues from there over the grid points above τ0.
     Returns:
-        (N, C, H, W) float32 inverted latents; with return_trajectory, also (K, N, C, H, W): entry k is the latent
-        after the step onto grid point k (rows whose t is not above it keep their previous latent).
+        (N, C, H, W) float32 inverted latents.
     """
-    if endpoint not in INVERSION_ENDPOINTS:
-        raise ValueError(f"endpoint must be one of {INVERSION_ENDPOINTS}, got {endpoint!r}")
     config = inverse_scheduler.config
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device, torch.float32)
     initial_alpha = inverse_scheduler.initial_alpha_cumprod.to(x0.device, torch.float32)
     step_size = config.num_train_timesteps // inverse_scheduler.num_inference_steps
     clip_range = config.clip_sample_range if config.clip_sample else None
-    # One read of the targets on the host instead of a `nonzero()` (a device sync) per grid point; CPU timesteps
-    # (the whole-grid inversion of `inverted_noise`) cost no sync at all.
+    # One read of the targets on the host instead of a `nonzero()` (a device sync) per grid point.
     targets = timesteps.tolist()
-    timesteps = timesteps.to(x0.device).long()
     added_cond_kwargs = added_cond_kwargs or {}
 
-    def predict(latents, step_timesteps, rows):
-        subset_kwargs = {k: v[rows] for k, v in added_cond_kwargs.items()}
-        model_kwargs = {"added_cond_kwargs": subset_kwargs} if subset_kwargs else {}
-        out = unet(latents.to(unet.dtype), step_timesteps, encoder_hidden_states[rows], **model_kwargs).sample
-        return out.float()
-
-    def add_noise(latents, landed):
-        if eta == 0:
-            return latents
-        std = inversion_noise_std(alphas_cumprod, landed, step_size)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        return latents + eta * _per_sample(std, latents) * noise
-
     latents = x0.float().clone()
-    landed = torch.full_like(timesteps, -1 if start_timestep is None else start_timestep)  # -1: still at x0
-    trajectory = []
     with torch.no_grad():
         for grid_point in inverse_scheduler.timesteps.tolist():
-            if start_timestep is not None and grid_point <= start_timestep:
-                continue
             active = [row for row, target in enumerate(targets) if target > grid_point]
             if not active:
                 continue
@@ -176,25 +142,19 @@ def ddim_invert(
             source = grid_point - step_size
             alpha_from = alphas_cumprod[source] if source >= 0 else initial_alpha
             step_timesteps = torch.full((len(active),), grid_point, device=x0.device, dtype=torch.long)
-            model_output = predict(latents[rows], step_timesteps, rows)
+            subset_kwargs = {k: v[rows] for k, v in added_cond_kwargs.items()}
+            model_kwargs = {"added_cond_kwargs": subset_kwargs} if subset_kwargs else {}
+            model_output = unet(
+                latents[rows].to(unet.dtype), step_timesteps, encoder_hidden_states[rows], **model_kwargs
+            ).sample.float()
             moved = ddim_inverse_step(
                 latents[rows], model_output, alpha_from, alphas_cumprod[grid_point], config.prediction_type, clip_range
             )
-            latents[rows] = add_noise(moved, step_timesteps)
-            landed[rows] = grid_point
-            if return_trajectory:
-                trajectory.append(latents.clone())
-
-        if endpoint == "exact":
-            alpha_from = torch.where(landed >= 0, alphas_cumprod[landed.clamp(min=0)], initial_alpha)
-            all_rows = torch.arange(len(timesteps), device=x0.device)
-            model_output = predict(latents, timesteps, all_rows)
-            moved = ddim_inverse_step(
-                latents, model_output, alpha_from, alphas_cumprod[timesteps], config.prediction_type, clip_range
-            )
-            latents = add_noise(moved, timesteps)
-    if return_trajectory:
-        return latents, torch.stack(trajectory) if trajectory else latents.new_zeros((0, *latents.shape))
+            if eta > 0:
+                std = inversion_noise_std(alphas_cumprod, step_timesteps, step_size)
+                noise = torch.randn(moved.shape, generator=generator, device=moved.device, dtype=moved.dtype)
+                moved = moved + eta * _per_sample(std, moved) * noise
+            latents[rows] = moved
     return latents
 
 
@@ -210,55 +170,6 @@ def implied_noise(x_inv, x0, timesteps, alphas_cumprod):
     """
     a_t = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0)
     return (x_inv - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-
-
-def hybrid_start_timestep(forward_until, inverse_scheduler):
-    """τ0 for `hybrid_latents`: `forward_until` rounded down to a point of the inversion grid."""
-    grid = [point for point in inverse_scheduler.timesteps.tolist() if point <= forward_until]
-    return max(grid) if grid else 0
-
-
-def hybrid_latents(
-    unet,
-    x0,
-    timesteps,
-    noise,
-    start_timestep,
-    encoder_hidden_states,
-    inverse_scheduler,
-    eta=0.0,
-    endpoint="grid",
-    added_cond_kwargs=None,
-    generator=None,
-):
-    """Forward-noise up to τ0, DDIM-invert after: x_τ0 = √ᾱ_τ0·x0 + √(1−ᾱ_τ0)·ε, then `ddim_invert` from τ0 to t.
-
-    Rows with t ≤ τ0 are plain forward noising at t (Diffusion-DPO's latent); above τ0 the trajectory's low-noise
-    part, where DDIM inversion spreads noise worst over flat regions, is replaced by the forward process.
-
-    Args: x0, noise (N, C, H, W); timesteps (N,) long; start_timestep τ0, a grid point (`hybrid_start_timestep`);
-    the rest as `ddim_invert`. Returns (N, C, H, W) float32 latents; their implied noise is the target.
-    """
-    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device, torch.float32)
-    x0 = x0.float()
-    latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
-    rows = (timesteps > start_timestep).nonzero().flatten()
-    if rows.numel() == 0:
-        return latents
-    x_start = forward_noised(x0[rows], noise[rows], torch.full_like(rows, start_timestep), alphas_cumprod)
-    latents[rows] = ddim_invert(
-        unet,
-        x_start,
-        timesteps[rows],
-        encoder_hidden_states[rows],
-        inverse_scheduler,
-        eta=eta,
-        endpoint=endpoint,
-        generator=generator,
-        added_cond_kwargs={k: v[rows] for k, v in (added_cond_kwargs or {}).items()},
-        start_timestep=start_timestep,
-    )
-    return latents
 
 
 def remove_x0_component(noise, x0):
@@ -300,43 +211,22 @@ def forward_noised(x0, noise, timesteps, alphas_cumprod):
     return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
 
 
-def inverted_noise(
-    inversion_unet,
-    x0,
-    encoder_hidden_states,
-    inverse_scheduler,
-    x0_projection="remove",
-    eta=0.0,
-    added_cond_kwargs=None,
-    generator=None,
-):
-    """The noise DDIM inversion assigns to each image: invert x0 to the last grid point τ_K and take its implied
-    noise ε_T; with x0_projection="remove" take out its x0 component (`remove_x0_component`); then `standardise`.
+def inverted_noise(reference_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs=None):
+    """The noise DDIM inversion assigns to each image: invert x0 over the whole grid (eta 0) to τ_K, take the
+    implied noise ε_T, take out its x0 component (`remove_x0_component`), then `standardise`.
 
     The reparametrized-DDIM reading of InPO: one noise per image (independent of t, so it can be computed once),
     used like Diffusion-DPO's ε at any t. Args: x0 (N, C, H, W), encoder_hidden_states (N, L, D). Returns
     (N, C, H, W) float32.
     """
-    if x0_projection not in NOISE_X0_PROJECTIONS:
-        raise ValueError(f"x0_projection must be one of {NOISE_X0_PROJECTIONS}, got {x0_projection!r}")
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
-    last = torch.full((len(x0),), int(inverse_scheduler.timesteps[-1]), dtype=torch.long)
-    # "exact" onto the last grid point is the full grid inversion: its final step is the grid step onto τ_K.
+    beyond_grid = torch.full((len(x0),), inverse_scheduler.config.num_train_timesteps)
     x_inv = ddim_invert(
-        inversion_unet,
-        x0,
-        last,
-        encoder_hidden_states,
-        inverse_scheduler,
-        eta=eta,
-        endpoint="exact",
-        generator=generator,
-        added_cond_kwargs=added_cond_kwargs,
+        reference_unet, x0, beyond_grid, encoder_hidden_states, inverse_scheduler, added_cond_kwargs=added_cond_kwargs
     )
-    noise = implied_noise(x_inv, x0.float(), last.to(x0.device), alphas_cumprod)
-    if x0_projection == "remove":
-        noise = remove_x0_component(noise, x0.float())
-    return standardise(noise)
+    last = torch.full((len(x0),), int(inverse_scheduler.timesteps[-1]), device=x0.device)
+    noise = implied_noise(x_inv, x0.float(), last, alphas_cumprod)
+    return standardise(remove_x0_component(noise, x0.float()))
 
 
 def v_prediction_target(noise, x0, timesteps, alphas_cumprod):
@@ -366,13 +256,14 @@ def inpo_loss(policy_error_w, policy_error_l, reference_error_w, reference_error
     """The InPO (Diffusion-DPO form) loss on B pairs.
 
     logits = (e_ref,w − e_ref,l) − (e_θ,w − e_θ,l),  inside = ½·β·logits, i.e.
-    inside = −½·β·[(e_θ,w − e_ref,w) − (e_θ,l − e_ref,l)], and per `loss_type`, averaged over pairs:
-      sigmoid: −log σ(inside)              (the paper's loss)
-      hinge:   max(0, 1 − β·logits)        (as diffusers' train_diffusion_dpo.py)
-      ipo:     (logits − 1/(2·β))²         (as diffusers' train_diffusion_dpo.py, with β = beta_dpo)
+    inside = −½·β·[(e_θ,w − e_ref,w) − (e_θ,l − e_ref,l)], the implicit reward margin r_w − r_l with
+    r = −½·β·(e_θ − e_ref). β enters every loss type as ½·β (the scale of diffusers' `--beta_dpo` in its
+    sigmoid loss); per `loss_type`, averaged over pairs:
+      sigmoid: −log σ(inside)                          (the paper's loss)
+      hinge:   max(0, 1 − inside)
+      ipo:     (logits − 1/β)² = (2/β)²·(inside − ½)²  (IPO's (h − 1/(2τ))² with τ = ½·β)
 
-    `inside` is also the implicit reward margin r_w − r_l with r = −½·β·(e_θ − e_ref). Accuracy counts
-    inside > 0 as 1 and a tie (inside == 0) as ½.
+    Accuracy counts inside > 0 as 1 and a tie (inside == 0) as ½.
 
     Args: four (B,) per-sample errors from `per_sample_mse`; beta a float; loss_type one of LOSS_TYPES.
     Returns: (loss, metrics) with loss a scalar tensor (with grad through the policy errors) and metrics a dict
@@ -383,9 +274,9 @@ def inpo_loss(policy_error_w, policy_error_l, reference_error_w, reference_error
     if loss_type == "sigmoid":
         loss = -F.logsigmoid(inside).mean()
     elif loss_type == "hinge":
-        loss = torch.relu(1 - beta * logits).mean()
+        loss = torch.relu(1 - inside).mean()
     elif loss_type == "ipo":
-        loss = ((logits - 1 / (2 * beta)) ** 2).mean()
+        loss = ((logits - 1 / beta) ** 2).mean()
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
     with torch.no_grad():
@@ -445,27 +336,25 @@ def source_latents(
     inversion_unet,
     encoder_hidden_states,
     inverse_scheduler,
-    alphas_cumprod,
-    eta=0.0,
-    endpoint="grid",
+    eta=0.1,
     added_cond_kwargs=None,
     generator=None,
-    x0_projection="remove",
-    fresh_noise_mix=0.0,
-    hybrid_start=0,
+    fresh_noise_mix=0.5,
+    fresh_noise=None,
 ):
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
-    latent_source="inversion" (InPO): DDIM inversion of x0 up to t, target ε* = implied noise.
-    latent_source="forward" (Diffusion-DPO): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε with one ε shared by both images of a pair.
-    latent_source="inverted_noise": the same forward formula with each image's own `inverted_noise` ε' (x0 part
-    handled by `x0_projection`), mixed with a share `fresh_noise_mix` of pair-shared fresh noise
-    (`mix_fresh_noise`). `endpoint` does not apply: the inversion always runs to the last grid point.
-    latent_source="hybrid": forward noising (pair-shared ε) up to the grid point `hybrid_start`, DDIM inversion
-    from there to t (`hybrid_latents`), target ε* = implied noise.
+    latent_source="inverted_noise" (the default): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε'' with ε'' = `mix_fresh_noise` of
+    each image's own `inverted_noise` (by `inversion_unet`, the frozen reference) and a share `fresh_noise_mix` of
+    fresh noise shared by the pair.
+    latent_source="inversion" (the paper's InPO): DDIM inversion of x0 up to t by `inversion_unet` (the policy in
+    the paper) with noise `eta`; target ε* = implied noise.
+    latent_source="forward" (Diffusion-DPO): the forward formula with the pair-shared fresh noise alone.
 
-    Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
+    Args: x0 (2B, C, H, W); timesteps (2B,); fresh_noise optional (2B, C, H, W) pair-shared noise (drawn from
+    `generator` when None). Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
+    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     if latent_source == "inversion":
         x_inv = ddim_invert(
             inversion_unet,
@@ -474,44 +363,20 @@ def source_latents(
             encoder_hidden_states,
             inverse_scheduler,
             eta=eta,
-            endpoint=endpoint,
             generator=generator,
             added_cond_kwargs=added_cond_kwargs,
         )
         return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
-    if latent_source == "forward":
-        noise = pair_shared_noise(x0, generator)
-        return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
     if latent_source == "inverted_noise":
-        noise = inverted_noise(
-            inversion_unet,
-            x0,
-            encoder_hidden_states,
-            inverse_scheduler,
-            x0_projection,
-            eta,
-            added_cond_kwargs,
-            generator,
-        )
+        noise = inverted_noise(inversion_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs)
         if fresh_noise_mix > 0:
-            noise = mix_fresh_noise(noise, pair_shared_noise(x0, generator), fresh_noise_mix)
-        return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
-    if latent_source == "hybrid":
-        latents = hybrid_latents(
-            inversion_unet,
-            x0,
-            timesteps,
-            pair_shared_noise(x0, generator),
-            hybrid_start,
-            encoder_hidden_states,
-            inverse_scheduler,
-            eta,
-            endpoint,
-            added_cond_kwargs,
-            generator,
-        )
-        return latents, implied_noise(latents, x0.float(), timesteps, alphas_cumprod)
-    raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {latent_source!r}")
+            fresh = pair_shared_noise(x0, generator) if fresh_noise is None else fresh_noise
+            noise = mix_fresh_noise(noise, fresh, fresh_noise_mix)
+    elif latent_source == "forward":
+        noise = pair_shared_noise(x0, generator) if fresh_noise is None else fresh_noise
+    else:
+        raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {latent_source!r}")
+    return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
 
 
 def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -565,17 +430,14 @@ def inpo_step_loss(
     encoder_hidden_states,
     inverse_scheduler,
     beta,
-    latent_source="inversion",
-    eta=0.0,
-    endpoint="grid",
+    latent_source="inverted_noise",
+    eta=0.1,
     added_cond_kwargs=None,
     timesteps=None,
     generator=None,
     loss_type="sigmoid",
-    x0_projection="remove",
-    fresh_noise_mix=0.0,
-    hybrid_start=0,
-    timestep_range=None,
+    fresh_noise_mix=0.5,
+    fresh_noise=None,
     policy_dtype=torch.float32,
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
@@ -583,19 +445,16 @@ def inpo_step_loss(
     Args:
         policy_unet: the trained UNet (called with grad).
         reference_unet: the frozen reference (called without grad).
-        inversion_unet: the UNet that inverts (the policy for the authors' online InPO, or the reference).
+        inversion_unet: the UNet that inverts (the reference for the default, the policy for the paper's InPO).
         x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
-        timesteps: optional (B,) per-pair timesteps; when None, sampled uniformly from {low, ..., high−1} with
-            (low, high) = `timestep_range`, by default (0, T).
-        latent_source, eta, endpoint, x0_projection, fresh_noise_mix, hybrid_start: as `source_latents`.
-        policy_dtype: as `score_pairs`.
+        timesteps: optional (B,) per-pair timesteps; when None, drawn uniformly from {0, ..., T−1}.
+        latent_source, eta, fresh_noise_mix, fresh_noise: as `source_latents`. policy_dtype: as `score_pairs`.
     Returns: (loss, metrics) as `score_pairs`.
     """
-    num_pairs = len(x0) // 2
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     if timesteps is None:
-        low, high = timestep_range or (0, inverse_scheduler.config.num_train_timesteps)
-        timesteps = torch.randint(low, high, (num_pairs,), device=x0.device, generator=generator)
+        num_train_timesteps = inverse_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train_timesteps, (len(x0) // 2,), device=x0.device, generator=generator)
     timesteps = timesteps.to(x0.device).long().repeat(2)
     latents, noise = source_latents(
         x0,
@@ -604,14 +463,11 @@ def inpo_step_loss(
         inversion_unet,
         encoder_hidden_states,
         inverse_scheduler,
-        alphas_cumprod,
         eta,
-        endpoint,
         added_cond_kwargs,
         generator,
-        x0_projection,
         fresh_noise_mix,
-        hybrid_start,
+        fresh_noise,
     )
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
     reference_errors = reference_errors_at(
@@ -632,10 +488,10 @@ def inpo_step_loss(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Invert once: a precomputed inversion + reference cache (README "Invert once")
+# Invert once: the inversion cache, one policy forward and backward per training step
 # --------------------------------------------------------------------------------------------------------------
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CACHE_FINGERPRINT_FILE = "fingerprint.json"
 CACHE_MANIFEST_FILE = "manifest.json"
@@ -658,12 +514,9 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
         "hflip": not args.no_hflip,
         "proportion_empty_prompts": args.proportion_empty_prompts,
         "inversion_steps": args.inversion_steps,
-        "inversion_eta": args.inversion_eta,
-        "inversion_endpoint": args.inversion_endpoint,
-        "cache_timesteps": args.cache_timesteps,
+        "fresh_noise_mix": args.fresh_noise_mix,
+        "draws_per_pair": args.cache_draws_per_pair,
         "cache_dtype": args.cache_dtype,
-        "latent_source": args.latent_source,
-        "noise_x0_projection": args.noise_x0_projection,
     }
     if is_sdxl:
         fingerprint.update(vae=args.pretrained_vae_model_name_or_path, fixed_time_ids=args.fixed_time_ids)
@@ -708,17 +561,6 @@ def shard_file(cache_dir, index):
     return os.path.join(cache_dir, f"shard-{index:05d}.safetensors")
 
 
-def grid_inversion_inputs(x0, trajectory, endpoint):
-    """The inverted latent the loss sees for each grid timestep, given the trajectory of a full inversion.
-
-    t = grid point k: `exact` lands on it (trajectory[k]); `grid` stops at the point below (trajectory[k−1], or x0
-    for k = 0). Args: x0 (N, C, H, W), trajectory (K, N, C, H, W). Returns (K, N, C, H, W).
-    """
-    if endpoint == "exact":
-        return trajectory
-    return torch.cat([x0[None].float(), trajectory[:-1]])
-
-
 def write_cache_fingerprint(cache_dir, fingerprint):
     """Create `cache_dir` and record `fingerprint` in it; refuse a folder that holds a cache made otherwise."""
     os.makedirs(cache_dir, exist_ok=True)
@@ -735,36 +577,43 @@ def write_cache_fingerprint(cache_dir, fingerprint):
         json.dump(fingerprint, f, indent=1)
 
 
+def seeded_noise(seeds, shape):
+    """N(0, I) noise of `shape` for each seed, drawn on the CPU so that it is the same on every device.
+
+    Args: seeds, a sequence of N ints; shape (C, H, W). Returns (N, C, H, W) float32 on the CPU.
+    """
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
+
+
 def cache_rows(
     reference_unet,
     x0,
     encoder_hidden_states,
     inverse_scheduler,
-    cache_timesteps,
     cache_dtype,
-    eta=0.0,
-    endpoint="grid",
+    draws_per_pair=1,
+    fresh_noise_mix=0.5,
     added_cond_kwargs=None,
     generator=None,
-    latent_source="inversion",
-    x0_projection="remove",
 ):
     """Cache entries for one batch of B pairs, in per-pair layout (B, 2, ...) with the winner at index 0.
 
-    x0, the conditioning and the inverted latents are rounded to `cache_dtype` before the reference's errors are
-    computed on them, so e_ref is computed on exactly what training reads back. cache_timesteps="grid" stores the
-    whole inversion trajectory and e_ref at every grid point; "per_pair" one latent at a uniformly drawn t. With
-    latent_source="inverted_noise" each image's `inverted_noise` is stored instead of latents ("noise"): training
-    forward-noises x0 with it at any t, and e_ref is stored at the grid points or the drawn t, or not at all with
-    cache_timesteps="none" (for training with fresh noise, which draws t and computes e_ref at every step).
+    Each image's `inverted_noise` (K reference forwards), and `draws_per_pair` training draws per pair, each all that
+    a step needs beside the policy: a timestep t, the seed of the pair's fresh noise (`seeded_noise`) and both
+    images' e_ref at (x_t, t), with x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(noise, fresh, fresh_noise_mix) (one
+    reference forward per draw). x0, the conditioning and the noise are rounded to `cache_dtype` before e_ref is
+    computed on them, so e_ref belongs to exactly what training reads back.
 
     Args: x0 (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); added_cond_kwargs (2B, ...) tensors.
-    Returns: dict of tensors (x0, latents or noise, reference_errors, encoder_hidden_states, [timesteps],
-    added_cond.*).
+    Returns: dict of tensors: x0, noise (B, 2, C, H, W); encoder_hidden_states (B, L, D); timesteps, noise_seeds
+    (B, draws) long; reference_errors (B, 2, draws) float32; added_cond.<name> (B, 2, ...).
     """
 
     def as_stored(tensor):
         return tensor.to(CACHE_DTYPES[cache_dtype]).float()
+
+    def per_pair(tensor):  # (2B, ...) winners first → (B, 2, ...)
+        return torch.stack(tensor.chunk(2), dim=1)
 
     x0 = as_stored(x0)
     encoder_hidden_states = as_stored(encoder_hidden_states).to(encoder_hidden_states.dtype)
@@ -773,80 +622,32 @@ def cache_rows(
     num_pairs = len(x0) // 2
     config = inverse_scheduler.config
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
-    grid = inverse_scheduler.timesteps.to(x0.device)
-
-    def errors_at(latents, timesteps):
-        noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
-        target = regression_target(noise, x0, timesteps, alphas_cumprod, config.prediction_type)
-        return reference_errors_at(
-            reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
+    noise = as_stored(inverted_noise(reference_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs))
+    draw_shape = (num_pairs, draws_per_pair)
+    timesteps = torch.randint(0, config.num_train_timesteps, draw_shape, generator=generator, device=x0.device)
+    seeds = torch.randint(0, 2**62, draw_shape, generator=generator, device=x0.device)
+    errors = []
+    for draw in range(draws_per_pair):
+        draw_timesteps = timesteps[:, draw].repeat(2)
+        mixed = noise
+        if fresh_noise_mix > 0:
+            fresh = seeded_noise(seeds[:, draw].tolist(), x0.shape[1:]).to(x0.device).repeat(2, 1, 1, 1)
+            mixed = mix_fresh_noise(noise, fresh, fresh_noise_mix)
+        latents = forward_noised(x0, mixed, draw_timesteps, alphas_cumprod)
+        target = regression_target(mixed, x0, draw_timesteps, alphas_cumprod, config.prediction_type)
+        errors.append(
+            reference_errors_at(
+                reference_unet, latents, target, draw_timesteps, encoder_hidden_states, added_cond_kwargs
+            )
         )
-
-    def noised_errors_at(noise, timesteps):
-        return errors_at(forward_noised(x0, noise, timesteps, alphas_cumprod), timesteps)
-
-    def per_pair(tensor):  # (2B, ...) winners first → (B, 2, ...)
-        return torch.stack(tensor.chunk(2), dim=1)
-
-    invert = functools.partial(
-        ddim_invert,
-        reference_unet,
-        x0,
-        encoder_hidden_states=encoder_hidden_states,
-        inverse_scheduler=inverse_scheduler,
-        eta=eta,
-        generator=generator,
-        added_cond_kwargs=added_cond_kwargs,
-    )
-    if cache_timesteps == "none" and latent_source != "inverted_noise":
-        raise ValueError(
-            'cache_timesteps="none" stores no latents, only inverted noise: latent_source="inverted_noise".'
-        )
-    if latent_source == "inverted_noise":  # one noise per image; x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise at any t
-        noise = inverted_noise(
-            reference_unet,
-            x0,
-            encoder_hidden_states,
-            inverse_scheduler,
-            x0_projection,
-            eta,
-            added_cond_kwargs,
-            generator,
-        )
-        noise = as_stored(noise)
-        if cache_timesteps == "none":
-            rows = {"noise": per_pair(noise)}
-        elif cache_timesteps == "grid":
-            errors = [noised_errors_at(noise, grid[k].repeat(len(x0))) for k in range(len(grid))]
-            rows = {"noise": per_pair(noise), "reference_errors": per_pair(torch.stack(errors, dim=-1))}
-        else:
-            timesteps = torch.randint(
-                0, config.num_train_timesteps, (num_pairs,), generator=generator, device=x0.device
-            ).repeat(2)
-            rows = {
-                "noise": per_pair(noise),
-                "reference_errors": per_pair(noised_errors_at(noise, timesteps)),
-                "timesteps": timesteps[:num_pairs],
-            }
-    elif cache_timesteps == "grid":
-        beyond_grid = torch.full((len(x0),), config.num_train_timesteps, device=x0.device)
-        _, trajectory = invert(beyond_grid, return_trajectory=True)
-        trajectory = as_stored(trajectory)
-        inputs = grid_inversion_inputs(x0, trajectory, endpoint)
-        errors = torch.stack([errors_at(inputs[k], grid[k].repeat(len(x0))) for k in range(len(grid))], dim=-1)
-        rows = {"latents": per_pair(trajectory.transpose(0, 1)), "reference_errors": per_pair(errors)}
-    else:
-        timesteps = torch.randint(
-            0, config.num_train_timesteps, (num_pairs,), generator=generator, device=x0.device
-        ).repeat(2)
-        latents = as_stored(invert(timesteps, endpoint=endpoint))
-        rows = {
-            "latents": per_pair(latents),
-            "reference_errors": per_pair(errors_at(latents, timesteps)),
-            "timesteps": timesteps[:num_pairs],
-        }
-    rows["x0"] = per_pair(x0)
-    rows["encoder_hidden_states"] = encoder_hidden_states[:num_pairs]
+    rows = {
+        "x0": per_pair(x0),
+        "noise": per_pair(noise),
+        "encoder_hidden_states": encoder_hidden_states[:num_pairs],
+        "timesteps": timesteps,
+        "noise_seeds": seeds,
+        "reference_errors": per_pair(torch.stack(errors, dim=-1)),
+    }
     for name, value in (added_cond_kwargs or {}).items():
         rows[f"added_cond.{name}"] = per_pair(value)
     return rows
@@ -869,7 +670,7 @@ def write_shard(cache_dir, index, columns, cache_dtype):
     return os.path.getsize(path)
 
 
-def write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log=print):
+def write_cache_manifest(cache_dir, fingerprint, num_shards, seconds, log=print):
     """Write manifest.json once every shard is there: what marks a cache complete."""
     from safetensors import safe_open
 
@@ -885,7 +686,6 @@ def write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log=
         "fingerprint": fingerprint,
         "num_pairs": num_pairs,
         "num_shards": num_shards,
-        "grid_timesteps": grid,
         "bytes": total_bytes,
         "bytes_per_pair": total_bytes / max(num_pairs, 1),
         "seconds_last_run": seconds,
@@ -899,17 +699,14 @@ def write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log=
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """Pairs read back from a cache. With grid timesteps each read draws one grid point k from a generator seeded
-    by (seed, epoch, index), so resumed runs see the same timesteps as uninterrupted ones (`cached_step_loss`
-    draws its own t instead when it mixes in fresh noise)."""
+    """Pairs read back from a cache, each with its training draw for the current epoch: epoch e reads draw
+    e mod D of the cache's D draws per pair (the pair's fresh noise is regenerated from its seed on the CPU)."""
 
-    def __init__(self, cache_dir, manifest, endpoint, seed=0):
+    def __init__(self, cache_dir, manifest):
         from safetensors import safe_open
 
-        self.cache_dir = cache_dir
-        self.endpoint = endpoint
-        self.grid = torch.tensor(manifest["grid_timesteps"])
-        self.seed = seed or 0
+        self.fresh_noise_mix = manifest["fingerprint"]["fresh_noise_mix"]
+        self.draws_per_pair = manifest["fingerprint"]["draws_per_pair"]
         self.epoch = 0
         self.shards = [shard_file(cache_dir, i) for i in range(manifest["num_shards"])]
         self.index = []
@@ -917,8 +714,6 @@ class CachedPairs(torch.utils.data.Dataset):
             with safe_open(path, framework="pt") as f:
                 self.index += [(shard, row) for row in range(f.get_slice("x0").get_shape()[0])]
                 self.keys = list(f.keys())
-        self.per_pair_timesteps = "timesteps" in self.keys
-        self.stores_reference_errors = "reference_errors" in self.keys
         self.handles = {}
 
     def set_epoch(self, epoch):
@@ -936,23 +731,13 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         shard, row = self.index[index]
-        x0 = self._read(shard, "x0", row)
-        # An inverted-noise cache holds one noise per image instead of latents; the step noises x0 with it.
-        source = "noise" if "noise" in self.keys else "latents"
-        example = {
-            "x0": x0,
-            source: self._read(shard, source, row),
-            "encoder_hidden_states": self._read(shard, "encoder_hidden_states", row),
-        }
-        if self.per_pair_timesteps:
-            example["timestep"] = self._read(shard, "timesteps", row)
-            example["reference_errors"] = self._read(shard, "reference_errors", row)
-        elif self.stores_reference_errors:  # grid layout: one grid point k per read
-            k = int(np.random.default_rng((self.seed, self.epoch, index)).integers(len(self.grid)))
-            example["timestep"] = self.grid[k]
-            if source == "latents":  # (2, K, C, H, W): the trajectory
-                example[source] = grid_inversion_inputs(x0, example[source].transpose(0, 1), self.endpoint)[k]
-            example["reference_errors"] = self._read(shard, "reference_errors", row)[:, k]
+        draw = self.epoch % self.draws_per_pair
+        example = {name: self._read(shard, name, row) for name in ("x0", "noise", "encoder_hidden_states")}
+        example["timestep"] = self._read(shard, "timesteps", row)[draw]
+        example["reference_errors"] = self._read(shard, "reference_errors", row)[:, draw]
+        if self.fresh_noise_mix > 0:
+            seed = self._read(shard, "noise_seeds", row)[draw]
+            example["fresh_noise"] = seeded_noise([seed], example["x0"].shape[1:])[0]
         for key in self.keys:
             if key.startswith("added_cond."):
                 example[key] = self._read(shard, key, row)
@@ -960,23 +745,22 @@ class CachedPairs(torch.utils.data.Dataset):
 
 
 def collate_cached(examples):
-    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`); "latents" or, from an
-    inverted-noise cache, "noise"; "timesteps" and "reference_errors" None from a noise-only cache."""
+    """Batch cached pairs as 2B rows, winners first (the layout of `collate_pairs`): x0, noise, fresh_noise (one
+    per pair, the same for both rows; None without the fresh-noise mix), timesteps (B,), reference_errors,
+    encoder_hidden_states, added_cond_kwargs (None for SD)."""
 
     def winners_then_losers(key):
         stacked = torch.stack([example[key] for example in examples])  # (B, 2, ...)
         return torch.cat([stacked[:, 0], stacked[:, 1]])
 
     hidden = torch.stack([example["encoder_hidden_states"] for example in examples])
-    source = "noise" if "noise" in examples[0] else "latents"
-    stores_reference_errors = "reference_errors" in examples[0]
+    fresh = torch.stack([example["fresh_noise"] for example in examples]) if "fresh_noise" in examples[0] else None
     return {
         "x0": winners_then_losers("x0"),
-        source: winners_then_losers(source),
-        "reference_errors": winners_then_losers("reference_errors") if stores_reference_errors else None,
-        "timesteps": torch.stack([torch.as_tensor(example["timestep"]) for example in examples])
-        if stores_reference_errors
-        else None,
+        "noise": winners_then_losers("noise"),
+        "fresh_noise": None if fresh is None else torch.cat([fresh, fresh]),
+        "timesteps": torch.stack([example["timestep"] for example in examples]),
+        "reference_errors": winners_then_losers("reference_errors"),
         "encoder_hidden_states": torch.cat([hidden, hidden]),
         "added_cond_kwargs": {
             key[len("added_cond.") :]: winners_then_losers(key) for key in examples[0] if key.startswith("added_cond.")
@@ -988,7 +772,7 @@ def collate_cached(examples):
 def cached_step_loss(
     policy_unet,
     x0,
-    latents,
+    noise,
     timesteps,
     encoder_hidden_states,
     reference_errors,
@@ -997,47 +781,25 @@ def cached_step_loss(
     beta,
     added_cond_kwargs=None,
     loss_type="sigmoid",
-    noise=None,
-    fresh_noise_mix=0.0,
-    reference_unet=None,
-    generator=None,
-    timestep_range=None,
+    fresh_noise_mix=0.5,
+    fresh_noise=None,
     policy_dtype=torch.float32,
 ):
-    """InPO loss and metrics for B pairs read from the cache: one policy forward (and, with fresh noise, one
-    reference forward without grad).
+    """InPO loss and metrics for B pairs read from the cache: the policy's forward only (its backward follows).
 
-    With `fresh_noise_mix` > 0 (inverted-noise cache only) the step is online training's on the stored noise: t
-    drawn uniformly from [low, high) = `timestep_range` (default [0, T)) instead of the cache's timesteps, the
-    noise mixed with pair-shared fresh noise (`mix_fresh_noise`), and e_ref computed anew by `reference_unet`
-    without grad (the stored e_ref belongs to the unmixed noise at the cache's timesteps). The inversion, the
-    expensive part, still comes from the cache.
+    The same computation as online training's `inpo_step_loss` on the cached draw: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε''
+    with ε'' = `mix_fresh_noise`(noise, fresh_noise, fresh_noise_mix), scored against the stored e_ref.
 
-    Args: x0, latents (2B, C, H, W) winners first, or latents None and `noise` (2B, C, H, W) from an
-    inverted-noise cache; timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,) the
-    stored e_ref (timesteps and reference_errors unused with fresh noise, and None from a noise-only cache);
+    Args: x0, noise, fresh_noise (2B, C, H, W) winners first (fresh_noise the same for both rows of a pair, None
+    without the mix); timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,);
     policy_dtype as `score_pairs`. Returns (loss, metrics) as `score_pairs`.
     """
-    if fresh_noise_mix > 0 and (noise is None or reference_unet is None):
-        raise ValueError("fresh_noise_mix needs an inverted-noise cache (`noise`) and the `reference_unet`.")
-    if fresh_noise_mix == 0 and reference_errors is None:
-        raise ValueError("This cache stores no reference errors (noise only); it trains with fresh_noise_mix > 0.")
     alphas_cumprod = alphas_cumprod.to(x0.device)
-    if fresh_noise_mix > 0:
-        low, high = timestep_range or (0, len(alphas_cumprod))
-        timesteps = torch.randint(low, high, (len(x0) // 2,), device=x0.device, generator=generator)
     timesteps = timesteps.to(x0.device).long().repeat(2)
-    if noise is None:
-        noise = implied_noise(latents, x0, timesteps, alphas_cumprod)
-    else:
-        if fresh_noise_mix > 0:
-            noise = mix_fresh_noise(noise, pair_shared_noise(x0, generator), fresh_noise_mix)
-        latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
-    target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
     if fresh_noise_mix > 0:
-        reference_errors = reference_errors_at(
-            reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
-        )
+        noise = mix_fresh_noise(noise, fresh_noise, fresh_noise_mix)
+    latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
+    target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
     return score_pairs(
         policy_unet,
         latents,

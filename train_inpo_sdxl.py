@@ -166,80 +166,48 @@ def add_model_and_data_args(parser, default_resolution):
 # Copied from train_inpo.add_inpo_args
 def add_inpo_args(parser, default_beta):
     group = parser.add_argument_group("InPO")
-    group.add_argument("--beta_dpo", type=float, default=default_beta, help="β of the InPO/DPO loss.")
     group.add_argument(
-        "--inversion_steps",
-        type=int,
-        default=None,
-        help="K: points of the DDIM inversion grid. Default: 5 for --latent_source inverted_noise (half the "
-        "inversion cost, measured to align as well as 10), else 10 (the paper's).",
-    )
-    group.add_argument(
-        "--inversion_eta",
+        "--beta_dpo",
         type=float,
-        default=None,
-        help="Std multiplier of the noise added after each inverse step; 0 = pure DDIM inversion. Default: 0 with "
-        "--latent_source inverted_noise (one fixed noise per image, as measured), 0.1 otherwise (the authors').",
-    )
-    group.add_argument(
-        "--inversion_endpoint",
-        choices=inpo_utils.INVERSION_ENDPOINTS,
-        default="grid",
-        help="grid: stop at the last grid point below t (the paper); exact: finish on t.",
-    )
-    group.add_argument(
-        "--inversion_model",
-        choices=("policy", "reference"),
-        default=None,
-        help="Which UNet inverts: the one being trained (the paper, online; the default with --latent_source "
-        "inversion) or the frozen reference (the default with inverted_noise, and the only choice with "
-        "--inversion_cache_dir).",
+        default=default_beta,
+        help="β of the loss; it enters every --loss_type as ½·β times the error gap, the scale of diffusers' "
+        "--beta_dpo in train_diffusion_dpo.py.",
     )
     group.add_argument(
         "--latent_source",
         choices=inpo_utils.LATENT_SOURCES,
         default="inverted_noise",
-        help="inverted_noise (default, chosen on the alignment benchmark): forward noising with each image's own "
-        "noise from one DDIM inversion to the last grid point (standardised; see --noise_x0_projection). "
-        "inversion: the paper's InPO, DDIM inversion up to t. forward: Diffusion-DPO's forward noising, same loss. "
-        "hybrid: forward noising up to --hybrid_forward_until, DDIM inversion from there to t.",
+        help="inverted_noise: each image's own noise from one DDIM inversion by the frozen reference (its x0 "
+        "component removed, standardised), mixed with fresh noise (--fresh_noise_mix) and forward-noised to a "
+        "uniform t; cacheable. inversion: the paper's InPO, DDIM inversion by the policy up to t, implied noise as "
+        "target. forward: Diffusion-DPO's forward noising with the same loss (the baseline).",
     )
     group.add_argument(
-        "--hybrid_forward_until",
+        "--inversion_steps",
         type=int,
         default=None,
-        help="With --latent_source hybrid (default 500): τ0, rounded down to the inversion grid; pairs with t ≤ τ0 are forward "
-        "noised as Diffusion-DPO's, above τ0 the forward-noised x_τ0 is DDIM-inverted on to t.",
+        help="K: points of the DDIM inversion grid. Default: 5 for inverted_noise, 10 (the paper's) for inversion.",
     )
     group.add_argument(
-        "--timestep_range",
-        type=int,
-        nargs=2,
+        "--inversion_eta",
+        type=float,
         default=None,
-        metavar=("LOW", "HIGH"),
-        help="Sample training timesteps uniformly from [LOW, HIGH) instead of [0, T); online training only.",
-    )
-    group.add_argument(
-        "--noise_x0_projection",
-        choices=inpo_utils.NOISE_X0_PROJECTIONS,
-        default="remove",
-        help="With --latent_source inverted_noise: remove: take the noise's component along x0 out (the part that "
-        "reverses the preference); none: keep it.",
+        help="With --latent_source inversion: std multiplier of the noise added after each inverse step "
+        "(default 0.1, the authors'; 0 is pure DDIM inversion).",
     )
     group.add_argument(
         "--fresh_noise_mix",
         type=float,
         default=None,
-        help="With --latent_source inverted_noise: λ in [0, 1]; the noise is √(1−λ)·inverted + √λ·fresh (fresh "
-        "noise shared by a pair, as Diffusion-DPO's). Default 0.5 with inverted_noise (as measured: the same gain "
-        "as 0, with fidelity kept on every seed), 0 otherwise.",
+        help="With --latent_source inverted_noise: λ in [0, 1]; the noise is √(1−λ)·inverted + √λ·fresh, the fresh "
+        "noise shared by the pair as Diffusion-DPO's (default 0.5; 1 is Diffusion-DPO).",
     )
     group.add_argument(
         "--loss_type",
         choices=inpo_utils.LOSS_TYPES,
         default="sigmoid",
-        help="sigmoid: the paper's −log σ(½·β·logits). hinge, ipo: as diffusers' train_diffusion_dpo.py "
-        "(logits = reference error gap − policy error gap).",
+        help="sigmoid: the paper's −log σ(½·β·logits); hinge: max(0, 1 − ½·β·logits); ipo: (logits − 1/β)², "
+        "with logits = reference error gap − policy error gap.",
     )
     group.add_argument(
         "--train_mode",
@@ -259,27 +227,26 @@ def add_inpo_args(parser, default_beta):
 
 # Copied from train_inpo.add_cache_args
 def add_cache_args(parser):
-    group = parser.add_argument_group("invert once: the inversion cache")
+    group = parser.add_argument_group("invert once: the inversion cache (--latent_source inverted_noise)")
     group.add_argument(
         "--inversion_cache_dir",
         default=None,
-        help="Train from this precomputed cache (no VAE, text encoders or inversion per step; a reference forward "
-        "only while --fresh_noise_mix > 0); with --precompute_inversion_cache, write it.",
+        help="Train from this precomputed cache: a step is then one policy forward and backward (no VAE, text "
+        "encoder, inversion or reference forward); with --precompute_inversion_cache, write it.",
     )
     group.add_argument(
         "--precompute_inversion_cache",
         action="store_true",
-        help="Invert the dataset once with the frozen reference and write --inversion_cache_dir, "
-        "then exit. Resumes an interrupted precompute.",
+        help="Invert the dataset once with the frozen reference, draw each pair's training timestep and fresh "
+        "noise and compute the reference's errors there, write --inversion_cache_dir, then exit. Resumes an "
+        "interrupted precompute.",
     )
     group.add_argument(
-        "--cache_timesteps",
-        choices=("grid", "per_pair", "none"),
-        default=None,
-        help="grid: store e_ref at the K grid points (and, for --latent_source inversion, the whole trajectory), "
-        "train on t drawn from them; per_pair: store one uniformly drawn t per pair (fixed t); none: store only "
-        "the inverted noise, for --fresh_noise_mix > 0, which draws t and computes e_ref at every step (K "
-        "reference forwards per image to precompute, the least). Default: none with the fresh noise mix, else grid.",
+        "--cache_draws_per_pair",
+        type=int,
+        default=1,
+        help="Training draws (t, fresh noise, reference errors) stored per pair, one per epoch; a run of more epochs "
+        "reuses them in turn. Each costs one reference forward per image in the precompute (the inversion K).",
     )
     group.add_argument("--cache_dtype", choices=tuple(inpo_utils.CACHE_DTYPES), default="fp16")
     group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
@@ -424,18 +391,17 @@ def validate_args(args):
         problems.append(f"--inversion_steps must be in [1, 1000], got {args.inversion_steps}.")
     if args.inversion_eta is not None and args.inversion_eta < 0:
         problems.append(f"--inversion_eta must be >= 0, got {args.inversion_eta}.")
+    if args.inversion_eta is not None and args.latent_source != "inversion":
+        problems.append(
+            "--inversion_eta is the noise of the paper's inversion up to t; it needs --latent_source inversion "
+            "(inverted_noise inverts without noise, so that each image has one noise to cache)."
+        )
     if args.fresh_noise_mix is not None and not 0 <= args.fresh_noise_mix <= 1:
         problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
-    if args.fresh_noise_mix and args.latent_source != "inverted_noise":
+    if args.fresh_noise_mix is not None and args.latent_source != "inverted_noise":
         problems.append("--fresh_noise_mix mixes into the inverted noise; it needs --latent_source inverted_noise.")
-    if args.hybrid_forward_until is not None and args.latent_source != "hybrid":
-        problems.append(
-            "--hybrid_forward_until sets where the hybrid inversion starts; it needs --latent_source hybrid."
-        )
-    if args.hybrid_forward_until is not None and args.hybrid_forward_until < 0:
-        problems.append(f"--hybrid_forward_until must be >= 0, got {args.hybrid_forward_until}.")
-    if args.timestep_range is not None and not 0 <= args.timestep_range[0] < args.timestep_range[1]:
-        problems.append(f"--timestep_range LOW HIGH needs 0 <= LOW < HIGH, got {args.timestep_range}.")
+    if args.latent_source == "forward" and args.inversion_steps is not None:
+        problems.append("--inversion_steps sets the inversion grid; --latent_source forward inverts nothing.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         problems.append("--proportion_empty_prompts must be in [0, 1].")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -460,24 +426,14 @@ def validate_args(args):
             )
     if args.precompute_inversion_cache and args.inversion_cache_dir is None:
         problems.append("--precompute_inversion_cache needs --inversion_cache_dir (where to write the cache).")
-    if args.inversion_cache_dir is not None:
-        if args.latent_source == "forward":
-            problems.append("--inversion_cache_dir holds inverted latents; it cannot train --latent_source forward.")
-        if args.latent_source == "hybrid":
-            problems.append(
-                "--latent_source hybrid draws new noise before it inverts, every step, so its inversion cannot be "
-                "cached; train online (without --inversion_cache_dir)."
-            )
-        if args.timestep_range is not None and not args.fresh_noise_mix:
-            problems.append(
-                "Without fresh noise the inversion cache scores pairs at the timesteps it stored; --timestep_range "
-                "needs online training or, from the cache, --fresh_noise_mix > 0 (t is then drawn every step)."
-            )
-        if args.inversion_model == "policy":
-            problems.append(
-                "The inversion cache is made by the frozen reference; drop --inversion_model policy "
-                "(or train online without --inversion_cache_dir)."
-            )
+    if args.inversion_cache_dir is not None and args.latent_source != "inverted_noise":
+        problems.append(
+            f"--inversion_cache_dir stores the frozen reference's inverted noise; --latent_source "
+            f"{args.latent_source} cannot train from it ({'nothing to invert' if args.latent_source == 'forward' else 'the paper inverts with the policy being trained, which changes every step'}). "
+            "Use --latent_source inverted_noise (the default), or train online."
+        )
+    if args.cache_draws_per_pair < 1:
+        problems.append(f"--cache_draws_per_pair must be at least 1, got {args.cache_draws_per_pair}.")
     if args.cache_shard_size < 1:
         problems.append("--cache_shard_size must be at least 1.")
     if args.nccl_timeout < 1:
@@ -501,26 +457,13 @@ def validate_args(args):
             problems.append("--shuffle_buffer_size must be at least 1.")
     if problems:
         raise ValueError("Invalid arguments:\n  " + "\n  ".join(problems))
-    # Defaults that depend on the latent source: inverted noise is one fixed noise per image from the frozen
-    # reference (what the benchmark measured, and what a cache stores); the paper's inversion is online by the policy.
-    fixed_noise = args.latent_source == "inverted_noise" or args.inversion_cache_dir is not None
-    if args.inversion_model is None:
-        args.inversion_model = "reference" if fixed_noise else "policy"
-    if args.inversion_eta is None:
-        args.inversion_eta = 0.0 if args.latent_source == "inverted_noise" else 0.1
-    if args.fresh_noise_mix is None:
-        args.fresh_noise_mix = 0.5 if args.latent_source == "inverted_noise" else 0.0
+    # The two inverting methods have their own measured defaults (the paper's for the paper's InPO).
+    if args.latent_source == "inversion":
+        args.inversion_eta = 0.1 if args.inversion_eta is None else args.inversion_eta
+    if args.latent_source == "inverted_noise":
+        args.fresh_noise_mix = 0.5 if args.fresh_noise_mix is None else args.fresh_noise_mix
     if args.inversion_steps is None:
         args.inversion_steps = 5 if args.latent_source == "inverted_noise" else 10
-    if args.cache_timesteps is None:  # with fresh noise every step draws t and computes e_ref: store neither
-        args.cache_timesteps = "none" if args.fresh_noise_mix > 0 else "grid"
-    elif args.cache_timesteps == "none" and not args.fresh_noise_mix:
-        raise ValueError(
-            "Invalid arguments:\n  --cache_timesteps none stores only the inverted noise, no reference errors; it "
-            "needs --latent_source inverted_noise with --fresh_noise_mix > 0 (the default), or use grid or per_pair."
-        )
-    if args.latent_source == "hybrid" and args.hybrid_forward_until is None:
-        args.hybrid_forward_until = 500
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = 0 if args.streaming else 2
 
@@ -538,11 +481,11 @@ def check_sharding(args, accelerator):
             "UNet with the adapters off, which FSDP's shards cannot be called as: use DDP "
             "(accelerate_configs/ddp_8gpu.yaml) or DeepSpeed ZeRO-2."
         )
-    elif args.latent_source == "inversion" and args.inversion_model == "policy" and args.inversion_cache_dir is None:
+    elif args.latent_source == "inversion":
         problems.append(
-            "Under FSDP every process must make the same UNet calls, but inverting with the policy "
-            "calls it once per grid point below each pair's t, which differs between processes. Pass "
-            "--inversion_model reference (the frozen copy, outside FSDP), or use DeepSpeed ZeRO-2."
+            "Under FSDP every process must make the same UNet calls, but the paper's InPO inverts with the "
+            "policy once per grid point below each pair's t, which differs between processes: use DeepSpeed "
+            "ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) or DDP."
         )
     if problems:
         raise ValueError("Not supported under FSDP:\n  " + "\n  ".join(problems))
@@ -945,10 +888,10 @@ def load_training_data(args, accelerator, scheduler_config):
     if args.inversion_cache_dir is not None and not args.precompute_inversion_cache:
         fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, IS_SDXL)
         manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir, fingerprint)
-        pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, args.seed)
+        pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest)
         logger.info(
-            f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs; no VAE, text "
-            f"encoder or inversion per step{', a reference forward for the fresh noise' if args.fresh_noise_mix else ''}."
+            f"Training from the inversion cache {args.inversion_cache_dir}: {len(pairs)} pairs, "
+            f"{pairs.draws_per_pair} draw(s) each; a step is one policy forward and backward."
         )
         return pairs, inpo_utils.collate_cached, None
     if args.streaming:
@@ -1082,7 +1025,7 @@ def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
 
     LoRA: base weights frozen in the mixed-precision dtype, adapters in fp32; the reference is the same UNet with
     the adapters disabled. Full: the whole UNet trains in fp32 against a frozen copy in the mixed-precision dtype
-    (not made when `with_reference` is False: training from the cache without fresh noise needs none).
+    (not made when `with_reference` is False: training from the cache needs none).
     """
     weight_dtype = weight_dtype_of(accelerator)
     if args.enable_xformers_memory_efficient_attention:
@@ -1327,10 +1270,9 @@ def policy_input_dtype(accelerator, unet):
 def compute_loss(
     x0, encoder_hidden_states, added_cond_kwargs, unet, reference, inverse_scheduler, args, accelerator, generator
 ):
-    """Online InPO on one micro-batch of latents and conditioning: `inpo_utils.inpo_step_loss` with the policy
-    (or the reference, per --inversion_model) inverting."""
-    policy = accelerator.unwrap_model(unet)
-    inversion_unet = policy if args.inversion_model == "policy" else reference
+    """Online InPO on one micro-batch of latents and conditioning: `inpo_utils.inpo_step_loss`, inverting with the
+    frozen reference (inverted_noise) or with the policy as it is now (inversion, the paper's)."""
+    inversion_unet = accelerator.unwrap_model(unet) if args.latent_source == "inversion" else reference
     with accelerator.autocast():
         return inpo_utils.inpo_step_loss(
             unet,
@@ -1341,48 +1283,37 @@ def compute_loss(
             inverse_scheduler,
             args.beta_dpo,
             latent_source=args.latent_source,
-            eta=args.inversion_eta,
-            endpoint=args.inversion_endpoint,
+            eta=args.inversion_eta or 0.0,
             added_cond_kwargs=added_cond_kwargs,
             generator=generator,
             loss_type=args.loss_type,
-            x0_projection=args.noise_x0_projection,
-            fresh_noise_mix=args.fresh_noise_mix,
-            hybrid_start=inpo_utils.hybrid_start_timestep(args.hybrid_forward_until or 0, inverse_scheduler),
-            timestep_range=args.timestep_range,
+            fresh_noise_mix=args.fresh_noise_mix or 0.0,
             policy_dtype=policy_input_dtype(accelerator, unet),
         )
 
 
 # Copied from train_inpo.compute_cached_loss
-def compute_cached_loss(batch, unet, reference, inverse_scheduler, args, accelerator, generator):
-    """InPO from the inversion cache: one policy forward on the stored latents (or on x0 noised with the stored
-    inverted noise) against the stored e_ref; with --fresh_noise_mix, at a new t with e_ref anew from the reference."""
+def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
+    """InPO from the inversion cache: the policy's forward on x0 noised with the stored noise and fresh noise at
+    the stored t, against the stored reference errors (`inpo_utils.cached_step_loss`)."""
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     added = {k: v.to(device, weight_dtype) for k, v in (batch["added_cond_kwargs"] or {}).items()} or None
-    stored = {name: batch[name].to(device, torch.float32) for name in ("latents", "noise") if name in batch}
-    # A noise-only cache (--cache_timesteps none) stores neither: the step draws t and computes e_ref.
-    stored.update(
-        {name: batch[name].to(device) for name in ("timesteps", "reference_errors") if batch[name] is not None}
-    )
+    fresh = batch["fresh_noise"]
     with accelerator.autocast():
         return inpo_utils.cached_step_loss(
             unet,
             batch["x0"].to(device, torch.float32),
-            stored.get("latents"),
-            stored.get("timesteps"),
+            batch["noise"].to(device, torch.float32),
+            batch["timesteps"].to(device),
             batch["encoder_hidden_states"].to(device, weight_dtype),
-            stored.get("reference_errors"),
+            batch["reference_errors"].to(device),
             inverse_scheduler.alphas_cumprod,
             inverse_scheduler.config.prediction_type,
             args.beta_dpo,
             added,
             loss_type=args.loss_type,
-            noise=stored.get("noise"),
             fresh_noise_mix=args.fresh_noise_mix,
-            reference_unet=reference,
-            generator=generator,
-            timestep_range=args.timestep_range,
+            fresh_noise=None if fresh is None else fresh.to(device, torch.float32),
             policy_dtype=policy_input_dtype(accelerator, unet),
         )
 
@@ -1675,7 +1606,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| latent source | {args.latent_source} (inversion: {args.inversion_steps} steps, eta {args.inversion_eta}{"" if args.latent_source == "inverted_noise" else f", endpoint {args.inversion_endpoint}"}, by the {args.inversion_model}{f"; x0 projection {args.noise_x0_projection}, fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}{f"; forward noising up to t = {args.hybrid_forward_until}" if args.latent_source == "hybrid" else ""}{f"; timesteps in {args.timestep_range}" if args.timestep_range else ""}) |
+| latent source | {args.latent_source}{"" if args.latent_source == "forward" else f" ({args.inversion_steps} inversion steps)"}{f", fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}{f", eta {args.inversion_eta}" if args.latent_source == "inversion" else ""} |
 | train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
 | resolution | {args.resolution} |
 
@@ -1775,7 +1706,7 @@ def validate_saved_weights(args, accelerator, frozen):
 
 # Copied from train_inpo.precompute_inversion_cache
 def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint):
-    """Write the cache shard by shard: x0, text conditioning, inverted latents and reference errors.
+    """Write the cache shard by shard: x0, text conditioning, the inverted noise and each pair's training draws.
 
     Shard i holds pairs [i·S, (i+1)·S); its contents depend only on i, not on who writes it. The shards still
     missing are dealt out to the processes in turn, so a resumed precompute keeps every process equally busy and
@@ -1824,14 +1755,11 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
                     x0,
                     encoder_hidden_states,
                     inverse_scheduler,
-                    args.cache_timesteps,
                     args.cache_dtype,
-                    eta=args.inversion_eta,
-                    endpoint=args.inversion_endpoint,
+                    draws_per_pair=args.cache_draws_per_pair,
+                    fresh_noise_mix=args.fresh_noise_mix,
                     added_cond_kwargs=added_cond_kwargs,
                     generator=generator,
-                    latent_source=args.latent_source,
-                    x0_projection=args.noise_x0_projection,
                 )
             rows["pair_index"] = torch.tensor([i for i, _ in kept])
             for name, value in rows.items():
@@ -1842,9 +1770,8 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        grid = inverse_scheduler.timesteps.tolist()
         seconds = time.perf_counter() - started
-        inpo_utils.write_cache_manifest(cache_dir, fingerprint, num_shards, grid, seconds, log=logger.info)
+        inpo_utils.write_cache_manifest(cache_dir, fingerprint, num_shards, seconds, log=logger.info)
     accelerator.wait_for_everyone()
 
 
@@ -1877,8 +1804,7 @@ def prepare_training(args, accelerator, pairs, collate_fn, unet):
     through `accelerator.prepare`. Returns (unet, reference, trainable, optimizer, dataloader, lr_scheduler,
     generator)."""
     seed = 0 if args.seed is None else args.seed
-    # The cache holds the reference's errors, unless fresh noise is mixed in at every step.
-    with_reference = args.inversion_cache_dir is None or args.fresh_noise_mix > 0
+    with_reference = args.inversion_cache_dir is None  # the cache holds the reference's errors
     unet, reference, trainable = setup_policy_and_reference(unet, args, accelerator, with_reference)
     register_checkpoint_hooks(accelerator, args)
     randomness = StepRandomness(seed, accelerator)
@@ -1913,11 +1839,6 @@ def main(argv=None):
     accelerator = make_accelerator(args)
     scheduler_config, pairs, collate_fn, dataset, frozen, unet = check_and_load(args, accelerator)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps, accelerator.device)
-    if args.timestep_range is not None and args.timestep_range[1] > scheduler_config["num_train_timesteps"]:
-        raise ValueError(
-            f"--timestep_range {args.timestep_range} reaches past the scheduler's "
-            f"{scheduler_config['num_train_timesteps']} training timesteps; lower HIGH."
-        )
     if args.precompute_inversion_cache:
         reference = unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype_of(accelerator)).eval()
         fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, IS_SDXL)
@@ -1932,6 +1853,12 @@ def main(argv=None):
     streaming = isinstance(pairs, torch.utils.data.IterableDataset)
     updates_per_epoch = math.inf if streaming else math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = 1 if streaming else math.ceil(args.max_train_steps / updates_per_epoch)
+    if isinstance(pairs, inpo_utils.CachedPairs) and num_epochs > pairs.draws_per_pair:
+        logger.warning(
+            f"This run takes {num_epochs} epochs over the cache, which holds {pairs.draws_per_pair} draw(s) of t and "
+            f"fresh noise per pair: from epoch {pairs.draws_per_pair + 1} on, pairs are scored again at draws they "
+            f"were trained on. For new draws every epoch, precompute with --cache_draws_per_pair {num_epochs}."
+        )
     global_step, first_epoch, batches_to_skip = resume_position(args, accelerator, streaming, updates_per_epoch)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
@@ -1958,10 +1885,8 @@ def main(argv=None):
             epoch_loader = accelerator.skip_first_batches(dataloader, batches_to_skip)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
-                if "x0" in batch:  # a batch of the inversion cache: latents, conditioning and e_ref stored
-                    loss, metrics = compute_cached_loss(
-                        batch, unet, reference, inverse_scheduler, args, accelerator, generator
-                    )
+                if "x0" in batch:  # a batch of the inversion cache: everything but the policy's forward stored
+                    loss, metrics = compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
                 else:
                     x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
                     encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)

@@ -14,8 +14,6 @@ from conftest import launch, read_scalars, tiny_run_args
 
 def cache_args(model, data, cache_dir, **overrides):
     flags = {
-        "latent_source": "inversion",
-        "inversion_eta": 0.0,
         "inversion_cache_dir": cache_dir,
         "cache_shard_size": 3,
         "cache_dtype": "fp32",
@@ -52,13 +50,10 @@ def precompute_in_process(args, record=None):
     return accelerator, scheduler_config, reference
 
 
-@pytest.mark.parametrize(
-    "latent_source, cache_timesteps",
-    [("inversion", "grid"), ("inversion", "per_pair"), ("inverted_noise", "none")],
-)
-def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, latent_source, cache_timesteps):
+@pytest.mark.parametrize("fresh_noise_mix, draws", [(0.5, 1), (0.0, 2)])
+def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, fresh_noise_mix, draws):
     args = cache_args(
-        tiny_sd, pickapic, str(tmp_path / "cache"), latent_source=latent_source, cache_timesteps=cache_timesteps
+        tiny_sd, pickapic, str(tmp_path / "cache"), fresh_noise_mix=fresh_noise_mix, cache_draws_per_pair=draws
     )
     recorded = []
     _, scheduler_config, _ = precompute_in_process(args, record=recorded)
@@ -66,59 +61,36 @@ def test_round_trip_reads_back_what_was_computed(tiny_sd, pickapic, tmp_path, la
     fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, False)
     manifest = inpo_utils.read_cache_manifest(args.inversion_cache_dir, fingerprint)
     assert manifest["num_pairs"] == 8 and manifest["num_shards"] == 3
-    pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, args.inversion_endpoint, seed=0)
-    assert len(pairs) == 8
-    for index in range(8):
-        example = pairs[index]
-        torch.testing.assert_close(example["x0"], computed["x0"][index])
-        torch.testing.assert_close(example["encoder_hidden_states"], computed["encoder_hidden_states"][index])
-        if cache_timesteps == "none":  # the inverted noise alone: no timestep, no e_ref
-            assert set(example) == {"x0", "noise", "encoder_hidden_states"}
-            torch.testing.assert_close(example["noise"], computed["noise"][index])
-        elif cache_timesteps == "per_pair":
-            assert example["timestep"] == computed["timesteps"][index]
-            torch.testing.assert_close(example["latents"], computed["latents"][index])
-            torch.testing.assert_close(example["reference_errors"], computed["reference_errors"][index])
-        else:
-            k = manifest["grid_timesteps"].index(int(example["timestep"]))
-            expected = computed["x0"][index] if k == 0 else computed["latents"][index][:, k - 1]  # grid endpoint
-            torch.testing.assert_close(example["latents"], expected)
-            torch.testing.assert_close(example["reference_errors"], computed["reference_errors"][index][:, k])
-    bytes_per_pair = manifest["bytes_per_pair"]
-    assert bytes_per_pair == pytest.approx(sum(os.path.getsize(p) for p in pairs.shards) / 8)
+    pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest)
+    assert len(pairs) == 8 and computed["timesteps"].shape == (8, draws)
+    for epoch in range(2):
+        pairs.set_epoch(epoch)
+        draw = epoch % draws  # epoch e reads draw e mod D
+        for index in range(8):
+            example = pairs[index]
+            for name in ("x0", "noise", "encoder_hidden_states"):
+                torch.testing.assert_close(example[name], computed[name][index])
+            assert example["timestep"] == computed["timesteps"][index, draw]
+            torch.testing.assert_close(example["reference_errors"], computed["reference_errors"][index][:, draw])
+            if fresh_noise_mix:  # regenerated from the stored seed
+                seed = int(computed["noise_seeds"][index, draw])
+                expected = torch.randn(example["x0"].shape[1:], generator=torch.Generator().manual_seed(seed))
+                torch.testing.assert_close(example["fresh_noise"], expected)
+            else:
+                assert "fresh_noise" not in example
+    assert manifest["bytes_per_pair"] == pytest.approx(sum(os.path.getsize(p) for p in pairs.shards) / 8)
 
 
-@pytest.mark.parametrize(
-    "endpoint, latent_source, cache_timesteps, fresh_noise_mix",
-    [
-        ("grid", "inversion", "grid", 0.0),
-        ("exact", "inversion", "grid", 0.0),
-        ("exact", "inverted_noise", "grid", 0.0),
-        ("exact", "inverted_noise", "per_pair", 0.0),
-        # Fresh noise mixed into the cached noise: t drawn and e_ref recomputed as online, with the same generator.
-        ("exact", "inverted_noise", "per_pair", 0.5),
-        ("exact", "inverted_noise", "none", 0.5),
-    ],
-)
-def test_cached_loss_equals_online_loss_with_reference_inversion(
-    tiny_sd, pickapic, tmp_path, endpoint, latent_source, cache_timesteps, fresh_noise_mix
-):
+@pytest.mark.parametrize("fresh_noise_mix", [0.5, 0.0])
+def test_cached_loss_equals_online_loss_on_the_same_draws(tiny_sd, pickapic, tmp_path, fresh_noise_mix):
     from peft import LoraConfig
 
-    args = cache_args(
-        tiny_sd,
-        pickapic,
-        str(tmp_path / "cache"),
-        inversion_endpoint=endpoint,
-        latent_source=latent_source,
-        cache_timesteps=cache_timesteps,
-        fresh_noise_mix=fresh_noise_mix,
-    )
+    args = cache_args(tiny_sd, pickapic, str(tmp_path / "cache"), fresh_noise_mix=fresh_noise_mix)
     accelerator, scheduler_config, unet = precompute_in_process(args)
     manifest = inpo_utils.read_cache_manifest(
         args.inversion_cache_dir, inpo_utils.cache_fingerprint(args, scheduler_config, False)
     )
-    pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest, endpoint, seed=0)
+    pairs = inpo_utils.CachedPairs(args.inversion_cache_dir, manifest)
     batch = inpo_utils.collate_cached([pairs[i] for i in range(4)])
 
     # A policy that differs from the reference: LoRA with non-zero up weights; reference = adapters off.
@@ -129,9 +101,8 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(
             parameter.data.normal_(0, 0.05)
     reference = inpo_utils.AdaptersDisabled(unet)
     inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps)
-    cached_loss, cached_metrics = train_inpo.compute_cached_loss(
-        batch, unet, reference, inverse_scheduler, args, accelerator, torch.Generator().manual_seed(1)
-    )
+    cached_loss, cached_metrics = train_inpo.compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator)
+    # Online training on the same x0 and conditioning at the cached draws (t and the pair's fresh noise).
     online_loss, online_metrics = inpo_utils.inpo_step_loss(
         unet,
         reference,
@@ -140,15 +111,12 @@ def test_cached_loss_equals_online_loss_with_reference_inversion(
         batch["encoder_hidden_states"],
         inverse_scheduler,
         args.beta_dpo,
-        latent_source=latent_source,
-        eta=0.0,
-        endpoint=endpoint,
-        timesteps=None if fresh_noise_mix else batch["timesteps"],
-        generator=torch.Generator().manual_seed(1),
+        timesteps=batch["timesteps"],
         fresh_noise_mix=fresh_noise_mix,
+        fresh_noise=batch["fresh_noise"],
     )
     assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-4, abs=1e-6)
-    for name in ("reference_mse", "policy_mse", "reward_margin"):
+    for name in ("reference_mse", "policy_mse", "reward_margin", "timestep"):
         assert cached_metrics[name].item() == pytest.approx(online_metrics[name].item(), rel=1e-3, abs=1e-7)
     assert abs(cached_metrics["reward_margin"].item()) > 1e-4  # the comparison is not between two zeros
 
@@ -162,7 +130,7 @@ def test_stale_and_incomplete_caches_are_refused(tiny_sd, pickapic, tmp_path):
             args.inversion_cache_dir, inpo_utils.cache_fingerprint(stale, scheduler_config, False)
         )
     assert "resolution: cache has 32, this run has 64" in str(error.value)
-    assert "inversion_steps: cache has 10, this run has 20" in str(error.value)
+    assert "inversion_steps: cache has 5, this run has 20" in str(error.value)
     os.remove(os.path.join(args.inversion_cache_dir, "manifest.json"))
     with pytest.raises(ValueError, match="is incomplete"):
         inpo_utils.read_cache_manifest(
@@ -195,7 +163,7 @@ def test_training_from_cache_needs_neither_vae_nor_text_encoder(tiny_sd, pickapi
     model = str(tmp_path / "model")
     shutil.copytree(tiny_sd, model)
     cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
-    flags = {"inversion_cache_dir": cache}  # the defaults: inverted noise, fresh noise mixed in, a noise-only cache
+    flags = {"inversion_cache_dir": cache}  # the defaults: inverted noise with the fresh noise mix
     launch("train_inpo.py", *tiny_run_args(model, pickapic, out, precompute_inversion_cache=True, **flags))
     assert os.path.isfile(os.path.join(cache, "manifest.json"))
     shutil.rmtree(os.path.join(model, "vae"))
@@ -208,65 +176,42 @@ def test_training_from_cache_needs_neither_vae_nor_text_encoder(tiny_sd, pickapi
 
 
 def test_cache_flags_that_contradict_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="cannot train --latent_source forward"):
-        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="forward"))
-    with pytest.raises(ValueError, match="drop --inversion_model policy"):
-        train_inpo.parse_args(
-            tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", inversion_model="policy")
-        )
-    with pytest.raises(ValueError, match="cannot be cached"):
-        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source="hybrid"))
+    for source in ("forward", "inversion"):
+        with pytest.raises(ValueError, match=f"--latent_source {source} cannot train from it"):
+            train_inpo.parse_args(
+                tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", latent_source=source)
+            )
     with pytest.raises(ValueError, match="needs --inversion_cache_dir"):
         train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), precompute_inversion_cache=True))
+    with pytest.raises(ValueError, match="--cache_draws_per_pair must be at least 1"):
+        train_inpo.parse_args(tiny_run_args("m", "d", str(tmp_path), inversion_cache_dir="c", cache_draws_per_pair=0))
 
 
-def test_fresh_noise_needs_a_noise_cache_and_the_reference():
-    x0 = torch.zeros(2, 4, 8, 8)
-    args = (None, x0, x0, torch.zeros(1), torch.zeros(2, 3, 8), torch.zeros(2), torch.ones(1000), "epsilon", 1.0)
-    with pytest.raises(ValueError, match="needs an inverted-noise cache"):
-        inpo_utils.cached_step_loss(*args, fresh_noise_mix=0.5, reference_unet=object())
-    with pytest.raises(ValueError, match="the `reference_unet`"):
-        inpo_utils.cached_step_loss(*args[:2], None, *args[3:], noise=x0, fresh_noise_mix=0.5)
-    with pytest.raises(ValueError, match="stores no reference errors"):  # a noise-only cache without the mix
-        inpo_utils.cached_step_loss(*args[:5], None, *args[6:], noise=x0)
+def test_a_cached_step_is_one_policy_forward_with_grad_and_none_without(tiny_sd, pickapic, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
+    launch(
+        "train_inpo.py",
+        *tiny_run_args(tiny_sd, pickapic, out, precompute_inversion_cache=True, inversion_cache_dir=cache),
+    )
+    calls, original = [], UNet2DConditionModel.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting_forward)
+    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=3, inversion_cache_dir=cache))
+    assert "a step is one policy forward and backward" in result.stderr
+    assert calls == [True, True, True]  # 3 steps: the policy's forward each, no reference or inversion forward
+    assert sorted(read_scalars(out, "loss")) == [1, 2, 3]
 
 
-class RecordingUNet(torch.nn.Module):
-    """Predicts zeros and records the timesteps it is called with."""
-
-    dtype = torch.float32
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def forward(self, latents, timesteps, encoder_hidden_states):
-        self.seen.append(timesteps.clone())
-        return type("Output", (), {"sample": torch.zeros_like(latents)})()
-
-
-def test_fresh_noise_from_the_cache_draws_t_in_the_timestep_range():
-    policy, reference = RecordingUNet(), RecordingUNet()
-    x0, noise = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
-    stored_timesteps, stored_errors = torch.full((4,), 3), torch.full((8,), 123.0)
-    for seed in range(5):
-        _, metrics = inpo_utils.cached_step_loss(
-            policy,
-            x0,
-            None,
-            stored_timesteps,
-            torch.zeros(8, 3, 8),
-            stored_errors,
-            torch.linspace(0.99, 0.01, 1000),
-            "epsilon",
-            1.0,
-            noise=noise,
-            fresh_noise_mix=0.5,
-            reference_unet=reference,
-            generator=torch.Generator().manual_seed(seed),
-            timestep_range=(600, 700),
-        )
-    drawn = torch.cat(policy.seen)
-    assert ((drawn >= 600) & (drawn < 700)).all() and len(drawn.unique()) > 1
-    assert all(torch.equal(p, r) for p, r in zip(policy.seen, reference.seen))  # e_ref recomputed at the same t
-    assert metrics["reference_mse"].item() != 123.0
+def test_a_run_longer_than_the_cached_draws_says_so(tiny_sd, pickapic, tmp_path):
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
+    flags = {"inversion_cache_dir": cache, "train_batch_size": 4}  # 8 pairs: 2 steps an epoch
+    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, precompute_inversion_cache=True, **flags))
+    result = launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, **flags))
+    assert "takes 2 epochs over the cache, which holds 1 draw(s)" in result.stderr
+    assert "--cache_draws_per_pair 2" in result.stderr

@@ -131,15 +131,10 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"output_kohya_format": True, "train_mode": "full"}, "--output_kohya_format converts a LoRA"),
         ({"latent_source": "inverted_noise", "fresh_noise_mix": 1.5}, r"--fresh_noise_mix must be in \[0, 1\]"),
         ({"latent_source": "forward", "fresh_noise_mix": 0.5}, "needs --latent_source inverted_noise"),
-        ({"hybrid_forward_until": 300}, "needs --latent_source hybrid"),
-        ({"timestep_range": [600, 400]}, "needs 0 <= LOW < HIGH"),
-        ({"latent_source": "hybrid", "inversion_cache_dir": "cache"}, "draws new noise before it inverts"),
-        (
-            {"timestep_range": [0, 500], "inversion_cache_dir": "cache", "fresh_noise_mix": 0},
-            "--timestep_range needs online training or, from the cache, --fresh_noise_mix > 0",
-        ),
-        ({"cache_timesteps": "none", "fresh_noise_mix": 0}, "--cache_timesteps none stores only the inverted noise"),
-        ({"cache_timesteps": "none", "latent_source": "inversion"}, "or use grid or per_pair"),
+        ({"latent_source": "forward", "inversion_eta": 0.1}, "it needs --latent_source inversion"),
+        ({"latent_source": "forward", "inversion_steps": 5}, "--latent_source forward inverts nothing"),
+        ({"latent_source": "inversion", "inversion_eta": -1}, "--inversion_eta must be >= 0"),
+        ({"nccl_timeout": 0}, "--nccl_timeout must be at least 1 second"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):
@@ -167,18 +162,9 @@ def test_not_a_pipeline_folder_is_a_clear_error(tmp_path):
 
 def test_inversion_defaults_follow_the_latent_source(tmp_path):
     default = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path)))
-    assert (default.latent_source, default.noise_x0_projection, default.fresh_noise_mix) == (
-        "inverted_noise",
-        "remove",
-        0.5,
-    )
-    assert (default.inversion_model, default.inversion_eta) == ("reference", 0.0)  # one fixed noise per image
-    assert default.cache_timesteps == "none"  # the mix draws t and computes e_ref every step: the cache needs neither
-    assert default.inversion_steps == 5
+    assert (default.latent_source, default.fresh_noise_mix, default.inversion_steps) == ("inverted_noise", 0.5, 5)
+    assert default.inversion_eta is None  # the reference inverts without noise: one noise per image
     paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
-    assert (paper.inversion_model, paper.inversion_eta, paper.inversion_endpoint) == ("policy", 0.1, "grid")
-    assert paper.fresh_noise_mix == 0.0  # fresh noise mixes into inverted noise only
-    assert paper.cache_timesteps == "grid"
-    assert paper.inversion_steps == 10  # the paper's K
+    assert (paper.inversion_eta, paper.inversion_steps, paper.fresh_noise_mix) == (0.1, 10, None)  # the paper's
     dpo = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="forward"))
-    assert dpo.fresh_noise_mix == 0.0
+    assert (dpo.fresh_noise_mix, dpo.inversion_eta) == (None, None)

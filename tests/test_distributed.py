@@ -138,17 +138,12 @@ def test_fsdp_refuses_what_it_cannot_run():
     from accelerate.utils import DistributedType
 
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    settings = {
-        "train_mode": "full",
-        "latent_source": "inversion",
-        "inversion_model": "reference",
-        "inversion_cache_dir": None,
-    }
+    settings = {"train_mode": "full", "latent_source": "inverted_noise"}
     train_inpo.check_sharding(types.SimpleNamespace(**settings), fsdp)  # the supported set-up passes
     with pytest.raises(ValueError, match="FSDP is for --train_mode full"):
         train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, train_mode="lora")), fsdp)
-    with pytest.raises(ValueError, match="--inversion_model reference"):
-        train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, inversion_model="policy")), fsdp)
+    with pytest.raises(ValueError, match="inverts with the policy"):
+        train_inpo.check_sharding(types.SimpleNamespace(**dict(settings, latent_source="inversion")), fsdp)
 
 
 def test_two_process_sdxl_run_survives_a_pair_that_fails_to_decode_on_one_process(tiny_sdxl, tmp_path):

@@ -64,9 +64,7 @@ def test_full_fine_tune_saves_a_pipeline_with_a_changed_unet(tiny_sd, pickapic, 
     out = str(tmp_path / "run")
     launch(
         "train_inpo.py",
-        *tiny_run_args(
-            tiny_sd, pickapic, out, steps=2, train_mode="full", inversion_model="reference", learning_rate=1e-4
-        ),
+        *tiny_run_args(tiny_sd, pickapic, out, steps=2, train_mode="full", learning_rate=1e-4),
     )
     assert_finite_losses(out, 2)
     tuned = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
@@ -88,7 +86,7 @@ def test_v_prediction_bf16_run_logs_validation_images(tiny_sd_vpred, pickapic, t
             pickapic,
             out,
             steps=2,
-            inversion_endpoint="exact",
+            latent_source="inversion",
             mixed_precision="bf16",
             resolution=16,
             run_validation=True,
@@ -133,24 +131,13 @@ def test_resume_latest_matches_uninterrupted_run(tiny_sd, pickapic, uninterrupte
         assert part_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)
 
 
-def test_hybrid_latents_in_a_timestep_range_train_the_lora(tiny_sd, pickapic, tmp_path):
-    out = str(tmp_path / "run")
-    launch(
-        "train_inpo.py",
-        *tiny_run_args(
-            tiny_sd,
-            pickapic,
-            out,
-            steps=3,
-            latent_source="hybrid",
-            hybrid_forward_until=300,
-            timestep_range=[400, 700],
-        ),
-    )
-    assert_finite_losses(out, 3)
-    timesteps = read_scalars(out, "timestep")
-    assert len(timesteps) == 3 and all(400 <= t < 700 for t in timesteps.values())
-    weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
-    card = open(os.path.join(out, "README.md")).read()
-    assert "hybrid" in card and "forward noising up to t = 300" in card and "timesteps in [400, 700]" in card
+def test_the_papers_inpo_and_diffusion_dpo_train_the_lora_through_the_same_script(tiny_sd, pickapic, tmp_path):
+    for source in ("inversion", "forward"):
+        out = str(tmp_path / source)
+        launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, latent_source=source))
+        assert_finite_losses(out, 2)
+        weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+        assert any(v.abs().max() > 0 for k, v in weights.items() if "lora.up" in k)
+        card = open(os.path.join(out, "README.md")).read()
+        assert f"| latent source | {source}" in card
+    assert "eta 0.1" in open(os.path.join(tmp_path, "inversion", "README.md")).read()
