@@ -1,3 +1,16 @@
+# Copyright 2026 The InPO for diffusers authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """The InPO method and its storage, shared by train_inpo.py and train_inpo_sdxl.py: DDIM inversion, the
 implied-noise target, the InPO loss, the loss of one step from given UNets, latents and conditioning, and the
 inversion cache format. Plain torch and diffusers schedulers: the scripts own arguments, data, models and the loop.
@@ -14,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -53,12 +68,8 @@ def ddim_inverse_step(
     x_to = √ᾱ_to · x̂0 + √(1 − ᾱ_to) · ε̂, with (x̂0, ε̂) read off the model output at the source level ᾱ_from, as
     diffusers' `DDIMInverseScheduler.step` does. `clip_sample_range`, if set, clips x̂0 (not ε̂), also as diffusers.
 
-    Args:
-        sample: (N, C, H, W) latents at level ᾱ_from.
-        model_output: (N, C, H, W) UNet output in its `prediction_type` parameterisation.
-        alpha_prod_from, alpha_prod_to: scalars or (N,) tensors.
-    Returns:
-        (N, C, H, W) latents at level ᾱ_to.
+    Args: sample (N, C, H, W) latents at level ᾱ_from; model_output (N, C, H, W) in the `prediction_type`
+    parameterisation; alpha_prod_from, alpha_prod_to scalars or (N,) tensors. Returns (N, C, H, W) at level ᾱ_to.
     """
     a_from = _per_sample(alpha_prod_from, sample)
     a_to = _per_sample(alpha_prod_to, sample)
@@ -82,11 +93,7 @@ def inversion_noise_std(alphas_cumprod, landed_timesteps, step_size):
     add `eta · σ · N(0, I)` after each inverse step that lands on τ. τ+Δ is clamped to the last timestep T−1 (the
     authors' code indexes past the schedule there).
 
-    Args:
-        alphas_cumprod: (T,) ᾱ of the noise schedule.
-        landed_timesteps: (N,) long, the timesteps τ just reached.
-    Returns:
-        (N,) float std.
+    Args: alphas_cumprod (T,) ᾱ of the schedule; landed_timesteps (N,) long, the τ just reached. Returns (N,).
     """
     num_train_timesteps = alphas_cumprod.shape[0]
     alpha_here = alphas_cumprod[landed_timesteps]
@@ -113,15 +120,10 @@ def ddim_invert(
     convention. After each step, if eta > 0, `eta · σ(τ+Δ, τ) · N(0, I)` is added (`inversion_noise_std`). The
     returned latent sits at level τ_last, not t, as in the authors' code; t ≥ T inverts over the whole grid.
 
-    Args:
-        unet: a `UNet2DConditionModel` (or anything called the same way returning `.sample`).
-        x0: (N, C, H, W) clean latents.
-        timesteps: (N,) long target timesteps t. On the CPU they cost no device sync.
-        encoder_hidden_states: (N, L, D) text conditioning.
-        inverse_scheduler: from `make_inverse_scheduler`.
-        added_cond_kwargs: optional dict of (N, ...) tensors (SDXL's `text_embeds`, `time_ids`).
-    Returns:
-        (N, C, H, W) float32 inverted latents.
+    Args: unet, a `UNet2DConditionModel` (or anything called alike returning `.sample`); x0 (N, C, H, W) clean
+    latents; timesteps (N,) long targets t (on the CPU they cost no device sync); encoder_hidden_states (N, L, D);
+    inverse_scheduler from `make_inverse_scheduler`; added_cond_kwargs optional (N, ...) tensors (SDXL's
+    `text_embeds`, `time_ids`). Returns (N, C, H, W) float32 inverted latents.
     """
     config = inverse_scheduler.config
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device, torch.float32)
@@ -442,14 +444,11 @@ def inpo_step_loss(
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
-    Args:
-        policy_unet: the trained UNet (called with grad).
-        reference_unet: the frozen reference (called without grad).
-        inversion_unet: the UNet that inverts (the reference for the default, the policy for the paper's InPO).
-        x0: (2B, C, H, W) latents, winners first. encoder_hidden_states: (2B, L, D).
-        timesteps: optional (B,) per-pair timesteps; when None, drawn uniformly from {0, ..., T−1}.
-        latent_source, eta, fresh_noise_mix, fresh_noise: as `source_latents`. policy_dtype: as `score_pairs`.
-    Returns: (loss, metrics) as `score_pairs`.
+    Args: policy_unet, the trained UNet (called with grad); reference_unet, the frozen reference (without grad);
+    inversion_unet, the one that inverts (the reference for the default, the policy for the paper's InPO); x0
+    (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); timesteps optional (B,) per pair (drawn
+    uniformly from {0, ..., T−1} when None); latent_source, eta, fresh_noise_mix, fresh_noise as `source_latents`;
+    policy_dtype as `score_pairs`. Returns (loss, metrics) as `score_pairs`.
     """
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     if timesteps is None:
@@ -526,22 +525,16 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
 def fingerprint_differences(stored, current):
     """Human-readable list of the settings that differ between two fingerprints."""
     keys = sorted(set(stored) | set(current))
-    return [
-        f"{k}: cache has {stored.get(k)!r}, this run has {current.get(k)!r}"
-        for k in keys
-        if stored.get(k) != current.get(k)
-    ]
+    differ = [k for k in keys if stored.get(k) != current.get(k)]
+    return [f"{k}: cache has {stored.get(k)!r}, this run has {current.get(k)!r}" for k in differ]
 
 
 def read_cache_manifest(cache_dir, fingerprint):
     """The manifest of a complete cache made with `fingerprint`; a clear error for a missing, partial or stale one."""
     manifest_path = os.path.join(cache_dir, CACHE_MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
-        state = (
-            "is incomplete (no manifest.json: the precompute did not finish)"
-            if os.path.isdir(cache_dir)
-            else "does not exist"
-        )
+        incomplete = "is incomplete (no manifest.json: the precompute did not finish)"
+        state = incomplete if os.path.isdir(cache_dir) else "does not exist"
         raise ValueError(
             f"Inversion cache {cache_dir!r} {state}. Run the same command with "
             "--precompute_inversion_cache first; it resumes where it stopped."
@@ -656,8 +649,6 @@ def cache_rows(
 def write_shard(cache_dir, index, columns, cache_dtype):
     """Write shard `index` from lists of per-batch tensors, floats (but e_ref) in `cache_dtype`: to a temporary
     file, then renamed, so a killed precompute never leaves a half-written shard. Returns its size in bytes."""
-    from safetensors.torch import save_file
-
     store_dtype = CACHE_DTYPES[cache_dtype]
     tensors = {name: torch.cat(values).contiguous() for name, values in columns.items()}
     tensors = {
@@ -672,8 +663,6 @@ def write_shard(cache_dir, index, columns, cache_dtype):
 
 def write_cache_manifest(cache_dir, fingerprint, num_shards, seconds, log=print):
     """Write manifest.json once every shard is there: what marks a cache complete."""
-    from safetensors import safe_open
-
     missing = [i for i in range(num_shards) if not os.path.isfile(shard_file(cache_dir, i))]
     if missing:
         raise RuntimeError(f"Cache shards {missing[:5]} are missing after the precompute; run it again to finish.")
@@ -703,8 +692,6 @@ class CachedPairs(torch.utils.data.Dataset):
     e mod D of the cache's D draws per pair (the pair's fresh noise is regenerated from its seed on the CPU)."""
 
     def __init__(self, cache_dir, manifest):
-        from safetensors import safe_open
-
         self.fresh_noise_mix = manifest["fingerprint"]["fresh_noise_mix"]
         self.draws_per_pair = manifest["fingerprint"]["draws_per_pair"]
         self.epoch = 0
@@ -723,8 +710,6 @@ class CachedPairs(torch.utils.data.Dataset):
         return len(self.index)
 
     def _read(self, shard, name, row):
-        from safetensors import safe_open
-
         if shard not in self.handles:  # opened lazily so each DataLoader worker gets its own handles
             self.handles[shard] = safe_open(self.shards[shard], framework="pt")
         return self.handles[shard].get_slice(name)[row]

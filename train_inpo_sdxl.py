@@ -1,4 +1,17 @@
 #!/usr/bin/env python
+# Copyright 2026 The InPO for diffusers authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """InPO (Inversion Preference Optimization, CVPR 2025) for Stable Diffusion XL.
 
     accelerate launch train_inpo_sdxl.py \\
@@ -43,6 +56,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, U
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import (
+    check_min_version,
     convert_all_state_dict_to_peft,
     convert_state_dict_to_diffusers,
     convert_state_dict_to_kohya,
@@ -62,6 +76,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 import inpo_utils
 
+
+# The oldest diffusers these scripts run with (requirements.txt); as diffusers' own examples check theirs.
+check_min_version("0.32.0")
 
 logger = get_logger(__name__)
 
