@@ -73,7 +73,9 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_finishes(
 ):
     out = str(tmp_path / "run")
     overflow_at_backward.add(2)  # the second optimizer step's gradient overflows
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, mixed_precision="fp16"))
+    # README's single-GPU flags: fp16, 8-bit AdamW, gradient checkpointing, validation images.
+    readme_flags = {"use_8bit_adam": True, "gradient_checkpointing": True, "run_validation": True}
+    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=4, mixed_precision="fp16", **readme_flags))
 
     skipped, scale = read_scalars(out, "skipped_overflow_steps"), read_scalars(out, "loss_scale")
     assert sorted(skipped) == [1, 2, 3, 4]
@@ -86,6 +88,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_finishes(
     assert all(torch.isfinite(weight).all() for weight in lora.values())
     # The steps the scaler took moved the up projections off their zero initialisation.
     assert max(weight.abs().max() for name, weight in lora.items() if ".lora.up." in name) > 0
+    assert os.path.isfile(os.path.join(out, "validation_grid.png"))  # validation under fp16 autocast
 
 
 def test_a_scaler_that_keeps_skipping_stops_the_run():
@@ -110,7 +113,8 @@ def test_nonfinite_loss_without_a_scaler_still_stops(tiny_sd, pickapic, tmp_path
 
 def test_bf16_autocast_run_trains(tiny_sd, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, mixed_precision="bf16"))
+    flags = {"use_8bit_adam": True, "gradient_checkpointing": True}
+    launch("train_inpo.py", *tiny_run_args(tiny_sd, pickapic, out, steps=2, mixed_precision="bf16", **flags))
     losses = read_scalars(out, "loss")
     assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     lora = load_file(os.path.join(out, train_inpo.LORA_WEIGHT_NAME))
