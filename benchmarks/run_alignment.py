@@ -51,68 +51,46 @@ from benchmarks import alignment_world as world
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
+
 # Method name -> the train_inpo.py flags that make it that method; everything else is shared.
-# The inverted-noise methods invert once with the frozen reference, deterministically (they override
-# --inversion_model and --inversion_eta): one fixed noise per image, what the inversion cache would store. No fresh
-# noise unless a method mixes it in (the scripts' default mixes 0.5), and K = 10 unless a method sets K (the
-# scripts' default K for inverted noise is 5): pinned, so each method's numbers do not move with the defaults.
-INVERTED_NOISE = [
-    *["--latent_source", "inverted_noise", "--inversion_model", "reference", "--inversion_eta", "0"],
-    *["--fresh_noise_mix", "0", "--inversion_steps", "10"],
-]
+# The inverted-noise methods (--latent_source inverted_noise: one fixed noise per image from a deterministic
+# inversion by the frozen reference, its x0 component removed, what the inversion cache stores) pin both their fresh
+# noise mix (0 unless the name says mix50) and K (10 unless the name says k5 / k50), where the scripts' defaults
+# are 0.5 and 5: pinned, so each method's numbers do not move with the defaults.
+def inverted_noise_flags(fresh_noise_mix, inversion_steps):
+    return [
+        *["--latent_source", "inverted_noise", "--fresh_noise_mix", str(fresh_noise_mix)],
+        *["--inversion_steps", str(inversion_steps)],
+    ]
+
+
 METHODS = {
     "default": [],  # train_inpo.py's own defaults, whatever they are
-    "inpo_grid": ["--latent_source", "inversion", "--inversion_endpoint", "grid"],
-    "inpo_exact": ["--latent_source", "inversion", "--inversion_endpoint", "exact"],
-    "diffusion_dpo": ["--latent_source", "forward", "--inversion_endpoint", "grid"],
-    "inverted_noise": [*INVERTED_NOISE, "--noise_x0_projection", "remove"],
-    "inverted_noise_keep_x0": [*INVERTED_NOISE, "--noise_x0_projection", "none"],
-    "inverted_noise_mix50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
-    "inverted_noise_k50": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--inversion_steps", "50"],
-    "inverted_noise_mix50_k5": [
-        *[*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
-        *["--inversion_steps", "5"],
-    ],
-    # The inverted noise with a stochastic inversion (eta 0.1, a new noise every step) or inverted by the policy.
-    "inverted_noise_eta01": [*INVERTED_NOISE, "--inversion_eta", "0.1", "--noise_x0_projection", "remove"],
-    "inverted_noise_policy": [*INVERTED_NOISE, "--inversion_model", "policy", "--noise_x0_projection", "remove"],
-    "inverted_noise_t500_1000": [
-        *INVERTED_NOISE,
-        "--noise_x0_projection",
-        "remove",
-        "--timestep_range",
-        "500",
-        "1000",
-    ],
-    # The default restricted to t < 500, where a detail reward (edge sharpness) is decided while sampling.
-    "inverted_noise_mix50_k5_t0_500": [
-        *[*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
-        *["--inversion_steps", "5", "--timestep_range", "0", "500"],
-    ],
-    # The paper's exact endpoint, inverted deterministically by the frozen reference instead of the policy.
-    "inpo_exact_reference_eta0": [
-        *["--latent_source", "inversion", "--inversion_endpoint", "exact"],
-        *["--inversion_model", "reference", "--inversion_eta", "0"],
-    ],
-    # Forward noising up to t = 500 (the train script's default τ0), then exact DDIM inversion by the reference.
-    "hybrid": [
-        *["--latent_source", "hybrid", "--inversion_endpoint", "exact"],
-        *["--inversion_model", "reference", "--inversion_eta", "0"],
-    ],
+    # The paper's InPO: DDIM inversion up to t by the policy, grid endpoint, eta 0.1, K = 10 (its defaults).
+    "inpo_grid": ["--latent_source", "inversion"],
+    "diffusion_dpo": ["--latent_source", "forward"],
+    "inverted_noise": inverted_noise_flags(0, 10),
+    "inverted_noise_mix50": inverted_noise_flags(0.5, 10),
+    "inverted_noise_k50": inverted_noise_flags(0, 50),
+    "inverted_noise_mix50_k5": inverted_noise_flags(0.5, 5),  # the scripts' defaults, pinned
 }
 # Methods trained from the invert-once cache: train_inpo.py first writes it (--precompute_inversion_cache), then
-# trains from it; their wall time is the sum of both runs.
+# trains from it; their wall time is the sum of both runs. The cache stores each pair's inverted noise and one
+# training draw (t, fresh-noise seed, the reference's errors; reused every epoch), so a cached step is one policy
+# forward and backward. The documented numbers of these methods (docs/) were trained from the cache's earlier layouts
+# (the reference's errors at the grid timesteps, or t and e_ref drawn anew every step with the fresh noise mix):
+# run_alignment.py of commit 50197e0 reproduces those; this one trains from the stored draws, another measurement.
 CACHED_METHODS = {
-    "inverted_noise_cached": [*INVERTED_NOISE, "--noise_x0_projection", "remove"],
-    "inverted_noise_mix50_cached": [*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
-    # Half the inversion steps: the precompute is K reference forwards per image, the first cached run's main cost.
-    "inverted_noise_mix50_cached_k5": [
-        *[*INVERTED_NOISE, "--noise_x0_projection", "remove", "--fresh_noise_mix", "0.5"],
-        *["--inversion_steps", "5"],
-    ],
+    "inverted_noise_cached": inverted_noise_flags(0, 10),
+    "inverted_noise_mix50_cached": inverted_noise_flags(0.5, 10),
+    # Half the inversion steps: the precompute is K + 1 reference forwards per image (the inversion, then the draw's
+    # errors), the first cached run's main cost.
+    "inverted_noise_mix50_cached_k5": inverted_noise_flags(0.5, 5),
 }
 METHODS.update(CACHED_METHODS)
-DEFAULT_METHODS = ["inpo_grid", "inpo_exact", "diffusion_dpo", "inverted_noise"]
+DEFAULT_METHODS = ["inpo_grid", "diffusion_dpo", "inverted_noise"]
+# train_inpo.py's --latent_source when a method passes none (the `default` method).
+DEFAULT_LATENT_SOURCE = "inverted_noise"
 
 # --quick: every stage runs, on sizes that only check the plumbing (the numbers mean nothing).
 QUICK = {
@@ -164,18 +142,19 @@ def parse_args(argv=None):
         help="Seed of the base model (and so of its pairs): repeat training seeds on one world.",
     )
     parser.add_argument(
-        "--inversion_model",
-        choices=("policy", "reference"),
-        default=None,
-        help="Default: train_inpo.py's (the methods that need one override it).",
-    )
-    parser.add_argument(
         "--inversion_steps",
         type=int,
         default=None,
-        help="Default: train_inpo.py's (the methods that need one set it).",
+        help="Default: train_inpo.py's. Passed to the methods that invert (not diffusion_dpo); the inverted-noise "
+        "methods pin their own.",
     )
-    parser.add_argument("--inversion_eta", type=float, default=None, help="Default: train_inpo.py's.")
+    parser.add_argument(
+        "--inversion_eta",
+        type=float,
+        default=None,
+        help="Default: train_inpo.py's (0.1). Passed only to the methods with --latent_source inversion (inpo_grid); "
+        "the others' inversions are deterministic.",
+    )
     parser.add_argument(
         "--num_inference_steps",
         type=int,
@@ -196,7 +175,19 @@ def base_config(args):
     return dataclasses.replace(QUICK_BASE if args.quick else world.BaseModelConfig(), seed=seed)
 
 
+def latent_source(method):
+    """The --latent_source that `method` trains with."""
+    flags = METHODS[method]
+    sources = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--latent_source"]
+    return sources[-1] if sources else DEFAULT_LATENT_SOURCE
+
+
 def train_command(args, method, base_dir, pairs_dir, run_dir):
+    source = latent_source(method)
+    # train_inpo.py refuses --inversion_steps with forward noising and --inversion_eta without --latent_source
+    # inversion: each is passed to the methods that take it (a method's own flags come last and win).
+    inversion_steps = args.inversion_steps is not None and source != "forward"
+    inversion_eta = args.inversion_eta is not None and source == "inversion"
     return [
         sys.executable,
         "-m",
@@ -229,9 +220,8 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         "none",
         "--checkpointing_steps",
         str(args.eval_every),
-        *(["--inversion_steps", str(args.inversion_steps)] if args.inversion_steps is not None else []),
-        *(["--inversion_model", args.inversion_model] if args.inversion_model else []),
-        *(["--inversion_eta", str(args.inversion_eta)] if args.inversion_eta is not None else []),
+        *(["--inversion_steps", str(args.inversion_steps)] if inversion_steps else []),
+        *(["--inversion_eta", str(args.inversion_eta)] if inversion_eta else []),
         *METHODS[method],
     ]
 
@@ -307,7 +297,7 @@ def markdown_table(args, results, base_meta, pairs_meta, num_eval_images):
         f"{args.num_pairs} pairs sampled from the base model (labels {pairs_meta['label_counts']}, mean reward gap "
         f"{pairs_meta['mean_reward_gap']}); every method: batch {args.train_batch_size}, β {args.beta_dpo:g}, "
         f"lr {args.learning_rate:g}, LoRA rank {args.rank}, seed {args.seed}, {args.max_train_steps} steps, "
-        f"inversion by the {args.inversion_model or 'default model'} with {args.inversion_steps or 'the default'} steps, eta "
+        f"{args.inversion_steps or 'the default number of'} inversion steps and, for the paper's inversion, eta "
         f"{'default' if args.inversion_eta is None else f'{args.inversion_eta:g}'} (unless the method sets them). "
         f"Evaluation: {num_eval_images} samples (12 captions × {args.eval_seeds} seeds), "
         f"{args.num_inference_steps} DDIM steps, guidance {args.guidance_scale:g}. Base model: fidelity "

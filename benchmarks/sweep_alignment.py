@@ -14,7 +14,7 @@
 """Sweep learning rate, β and LoRA rank for every method of the alignment benchmark, on its cached world.
 
     python benchmarks/sweep_alignment.py                              # the default grid (see SETTINGS)
-    python benchmarks/sweep_alignment.py --settings 1e-4,1000,8 3e-4,5000,4 --methods inpo_exact
+    python benchmarks/sweep_alignment.py --settings 1e-4,1000,8 3e-4,5000,4 --methods inpo_grid
 
 Reuses run_alignment.py's base model and pairs in --out_dir (building them first if they are missing), trains every
 (method, setting) with train_inpo.py exactly as run_alignment.py does (200 steps unless told otherwise; any other
