@@ -86,6 +86,9 @@ CACHED_METHODS = {
     # Half the inversion steps: the precompute is K + 1 reference forwards per image (the inversion, then the draw's
     # errors), the first cached run's main cost.
     "inverted_noise_mix50_cached_k5": inverted_noise_flags(0.5, 5),
+    # The default from the cache with two draws per pair: 100 steps of batch 8 on 512 pairs are 1.6 epochs, so every
+    # pair meets a new t and fresh noise in its second epoch, as online training's.
+    "inverted_noise_mix50_cached_k5_draws2": [*inverted_noise_flags(0.5, 5), "--cache_draws_per_pair", "2"],
 }
 METHODS.update(CACHED_METHODS)
 DEFAULT_METHODS = ["inpo_grid", "diffusion_dpo", "inverted_noise"]
