@@ -198,3 +198,26 @@ def test_example_accelerate_configs_load():
     folder = os.path.join(REPO, "accelerate_configs")
     kinds = {name: load_config_from_file(os.path.join(folder, name)).distributed_type for name in os.listdir(folder)}
     assert {str(kind).split(".")[-1] for kind in kinds.values()} == {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}
+
+
+def test_a_resumed_two_process_precompute_deals_the_missing_shards_to_both_processes(tiny_sd, pickapic, tmp_path):
+    cache = str(tmp_path / "cache")
+    flags = tiny_run_args(
+        tiny_sd,
+        pickapic,
+        str(tmp_path / "out"),
+        inversion_cache_dir=cache,
+        cache_shard_size=2,
+        precompute_inversion_cache=True,
+    )
+    run_processes("train_inpo.py", *flags)
+    shards = sorted(name for name in os.listdir(cache) if name.startswith("shard-"))
+    assert len(shards) == 4
+    # Shards 0 and 2 were both process 0's; after they are lost each process writes one of them, and the manifest
+    # (written last) is there again.
+    for name in (shards[0], shards[2]):
+        os.remove(os.path.join(cache, name))
+    os.remove(os.path.join(cache, "manifest.json"))
+    result = run_processes("train_inpo.py", *flags)
+    assert result.stderr.count("1 of the missing 2 to this process") == 2
+    assert os.path.isfile(os.path.join(cache, "manifest.json"))
