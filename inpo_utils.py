@@ -11,13 +11,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The InPO method and its storage, shared by train_inpo.py and train_inpo_sdxl.py: DDIM inversion, the
-implied-noise target, the InPO loss, the loss of one step from given UNets, latents and conditioning, and the
-inversion cache format. Plain torch and diffusers schedulers: the scripts own arguments, data, models and the loop.
-
-Notation (see README "What InPO does"): x0 are VAE latents, t a training timestep, alphas_cumprod[t] is ᾱ_t.
-A batch of B preference pairs is laid out as 2B rows, winners first: rows [0, B) are the preferred images and
-rows [B, 2B) the rejected ones, and row i and row B + i share their caption and their timestep.
+"""The InPO method and its cache format, shared by train_inpo.py and train_inpo_sdxl.py (plain torch and diffusers
+schedulers; the scripts own arguments, data, models and the loop). x0 are VAE latents, t a training timestep,
+alphas_cumprod[t] is ᾱ_t. B preference pairs are 2B rows, winners first: rows [0, B) preferred, [B, 2B) rejected,
+row i and row B + i sharing their caption and timestep.
 """
 
 import json
@@ -87,11 +84,9 @@ def ddim_inverse_step(
 
 
 def inversion_noise_std(alphas_cumprod, landed_timesteps, step_size):
-    """σ(τ+Δ, τ): std of the DDIM/DDPM posterior between grid point τ and the next one, τ+Δ.
-
-    σ² = (1 − ᾱ_τ)/(1 − ᾱ_{τ+Δ}) · (1 − ᾱ_{τ+Δ}/ᾱ_τ), as `DDIMScheduler._get_variance(τ+Δ, τ)`. The InPO authors
-    add `eta · σ · N(0, I)` after each inverse step that lands on τ. τ+Δ is clamped to the last timestep T−1 (the
-    authors' code indexes past the schedule there).
+    """σ(τ+Δ, τ), std of the DDIM/DDPM posterior between grid point τ and the next, τ+Δ: σ² = (1 − ᾱ_τ)/(1 − ᾱ_{τ+Δ})
+    · (1 − ᾱ_{τ+Δ}/ᾱ_τ), as `DDIMScheduler._get_variance(τ+Δ, τ)`. The authors add `eta · σ · N(0, I)` after each
+    inverse step landing on τ; τ+Δ is clamped to T−1 (their code indexes past the schedule there).
 
     Args: alphas_cumprod (T,) ᾱ of the schedule; landed_timesteps (N,) long, the τ just reached. Returns (N,).
     """
@@ -189,14 +184,19 @@ def remove_x0_component(noise, x0):
 
 
 def standardise(noise):
-    """Zero mean and unit std per sample over (C, H, W), so it can stand in for N(0, I) noise at any level.
-
-    Inverted noise is far narrower than forward noise (std ~0.3-0.5 on the benchmark's images). Args: (N, C, H, W).
-    Returns (N, C, H, W).
-    """
+    """Zero mean and unit std per sample over (C, H, W), so it can stand in for N(0, I) noise at any level (inverted
+    noise is far narrower, std ~0.3-0.5 on the benchmark's images). Args: (N, C, H, W). Returns (N, C, H, W)."""
     dims = list(range(1, noise.ndim))
     centred = noise - noise.mean(dim=dims, keepdim=True)
     return centred / centred.std(dim=dims, keepdim=True).clamp(min=1e-12)
+
+
+def share_within_pairs(noise):
+    """standardise((ε_w + ε_l)/√2) for both rows of each pair: one noise per pair, as Diffusion-DPO shares its fresh
+    noise, so that the pair's comparison is not also one between two noises. (2B, C, H, W) winners first → same."""
+    winners, losers = noise.chunk(2)
+    shared = standardise((winners + losers) / math.sqrt(2))
+    return torch.cat([shared, shared])
 
 
 def mix_fresh_noise(noise, fresh, mix):
@@ -343,18 +343,17 @@ def source_latents(
     generator=None,
     fresh_noise_mix=0.5,
     fresh_noise=None,
+    share_inverted_noise=False,
 ):
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
-    latent_source="inverted_noise" (the default): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε'' with ε'' = `mix_fresh_noise` of
-    each image's own `inverted_noise` (by `inversion_unet`, the frozen reference) and a share `fresh_noise_mix` of
-    fresh noise shared by the pair.
-    latent_source="inversion" (the paper's InPO): DDIM inversion of x0 up to t by `inversion_unet` (the policy in
-    the paper) with noise `eta`; target ε* = implied noise.
-    latent_source="forward" (Diffusion-DPO): the forward formula with the pair-shared fresh noise alone.
+    inverted_noise (the default): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(ε', ξ, fresh_noise_mix), ε' each image's
+    own `inverted_noise` by `inversion_unet` (the reference; made one per pair with `share_inverted_noise`), ξ fresh
+    noise shared by the pair. inversion (the paper's InPO): DDIM inversion of x0 up to t by `inversion_unet` (the
+    policy) with noise `eta`, target its implied noise. forward (Diffusion-DPO): the forward formula with ξ alone.
 
-    Args: x0 (2B, C, H, W); timesteps (2B,); fresh_noise optional (2B, C, H, W) pair-shared noise (drawn from
-    `generator` when None). Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
+    Args: x0 (2B, C, H, W); timesteps (2B,); fresh_noise optional (2B, C, H, W) ξ (drawn from `generator` when
+    None). Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     if latent_source == "inversion":
@@ -371,6 +370,7 @@ def source_latents(
         return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
     if latent_source == "inverted_noise":
         noise = inverted_noise(inversion_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs)
+        noise = share_within_pairs(noise) if share_inverted_noise else noise
         if fresh_noise_mix > 0:
             fresh = pair_shared_noise(x0, generator) if fresh_noise is None else fresh_noise
             noise = mix_fresh_noise(noise, fresh, fresh_noise_mix)
@@ -403,11 +403,9 @@ def score_pairs(
     loss_type="sigmoid",
     policy_dtype=torch.float32,
 ):
-    """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref.
-
-    The policy's inputs are cast to `policy_dtype`, the dtype of its trainable weights: float32 under accelerate's
-    mixed precision (autocast runs the matmuls in half precision), bf16/fp16 under DeepSpeed, which casts the whole
-    module and runs no autocast.
+    """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref. Its inputs are
+    cast to `policy_dtype`, that of its trainable weights: fp32 under accelerate's autocast, bf16/fp16 under
+    DeepSpeed, which casts the whole module and runs no autocast.
 
     Args: latents, target (2B, C, H, W) winners first; timesteps (2B,); encoder_hidden_states (2B, L, D);
     reference_errors (2B,). Returns (loss, metrics) as `inpo_loss`, metrics also holding the mean timestep.
@@ -440,6 +438,7 @@ def inpo_step_loss(
     loss_type="sigmoid",
     fresh_noise_mix=0.5,
     fresh_noise=None,
+    share_inverted_noise=False,
     policy_dtype=torch.float32,
 ):
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
@@ -447,7 +446,8 @@ def inpo_step_loss(
     Args: policy_unet, the trained UNet (called with grad); reference_unet, the frozen reference (without grad);
     inversion_unet, the one that inverts (the reference for the default, the policy for the paper's InPO); x0
     (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); timesteps optional (B,) per pair (drawn
-    uniformly from {0, ..., T−1} when None); latent_source, eta, fresh_noise_mix, fresh_noise as `source_latents`;
+    uniformly from {0, ..., T−1} when None); latent_source, eta, fresh_noise_mix, fresh_noise, share_inverted_noise
+    as `source_latents`;
     policy_dtype as `score_pairs`. Returns (loss, metrics) as `score_pairs`.
     """
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
@@ -467,6 +467,7 @@ def inpo_step_loss(
         generator,
         fresh_noise_mix,
         fresh_noise,
+        share_inverted_noise,
     )
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
     reference_errors = reference_errors_at(
@@ -514,6 +515,7 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
         "proportion_empty_prompts": args.proportion_empty_prompts,
         "inversion_steps": args.inversion_steps,
         "fresh_noise_mix": args.fresh_noise_mix,
+        "share_inverted_noise": args.share_inverted_noise,
         "draws_per_pair": args.cache_draws_per_pair,
         "cache_dtype": args.cache_dtype,
     }
@@ -588,18 +590,18 @@ def cache_rows(
     fresh_noise_mix=0.5,
     added_cond_kwargs=None,
     generator=None,
+    share_inverted_noise=False,
 ):
     """Cache entries for one batch of B pairs, in per-pair layout (B, 2, ...) with the winner at index 0.
 
-    Each image's `inverted_noise` (K reference forwards), and `draws_per_pair` training draws per pair, each all that
-    a step needs beside the policy: a timestep t, the seed of the pair's fresh noise (`seeded_noise`) and both
-    images' e_ref at (x_t, t), with x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(noise, fresh, fresh_noise_mix) (one
-    reference forward per draw). x0, the conditioning and the noise are rounded to `cache_dtype` before e_ref is
-    computed on them, so e_ref belongs to exactly what training reads back.
+    Each image's `inverted_noise` (K reference forwards; `share_within_pairs` with `share_inverted_noise`), and
+    `draws_per_pair` draws per pair of what a step needs beside the policy: t, the seed of the pair's fresh noise
+    (`seeded_noise`) and both images' e_ref at x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(noise, fresh) (one
+    reference forward per draw), computed on the values rounded to `cache_dtype`, exactly as training reads them.
 
-    Args: x0 (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); added_cond_kwargs (2B, ...) tensors.
-    Returns: dict of tensors: x0, noise (B, 2, C, H, W); encoder_hidden_states (B, L, D); timesteps, noise_seeds
-    (B, draws) long; reference_errors (B, 2, draws) float32; added_cond.<name> (B, 2, ...).
+    Args: x0 (2B, C, H, W) winners first; encoder_hidden_states (2B, L, D); added_cond_kwargs (2B, ...). Returns
+    tensors: x0, noise (B, 2, C, H, W); encoder_hidden_states (B, L, D); timesteps, noise_seeds (B, draws) long;
+    reference_errors (B, 2, draws) float32; added_cond.<name> (B, 2, ...).
     """
 
     def as_stored(tensor):
@@ -615,7 +617,8 @@ def cache_rows(
     num_pairs = len(x0) // 2
     config = inverse_scheduler.config
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
-    noise = as_stored(inverted_noise(reference_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs))
+    noise = inverted_noise(reference_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs)
+    noise = as_stored(share_within_pairs(noise) if share_inverted_noise else noise)
     draw_shape = (num_pairs, draws_per_pair)
     timesteps = torch.randint(0, config.num_train_timesteps, draw_shape, generator=generator, device=x0.device)
     seeds = torch.randint(0, 2**62, draw_shape, generator=generator, device=x0.device)
@@ -770,14 +773,11 @@ def cached_step_loss(
     fresh_noise=None,
     policy_dtype=torch.float32,
 ):
-    """InPO loss and metrics for B pairs read from the cache: the policy's forward only (its backward follows).
+    """InPO loss and metrics for B cached pairs, the policy's forward only: online training's `inpo_step_loss` on
+    the cached draw, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(noise, fresh_noise), against the stored e_ref.
 
-    The same computation as online training's `inpo_step_loss` on the cached draw: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε''
-    with ε'' = `mix_fresh_noise`(noise, fresh_noise, fresh_noise_mix), scored against the stored e_ref.
-
-    Args: x0, noise, fresh_noise (2B, C, H, W) winners first (fresh_noise the same for both rows of a pair, None
-    without the mix); timesteps (B,) per pair; encoder_hidden_states (2B, L, D); reference_errors (2B,);
-    policy_dtype as `score_pairs`. Returns (loss, metrics) as `score_pairs`.
+    Args: x0, noise, fresh_noise (2B, C, H, W) winners first (fresh_noise None without the mix); timesteps (B,);
+    encoder_hidden_states (2B, L, D); reference_errors (2B,). Returns (loss, metrics) as `score_pairs`.
     """
     alphas_cumprod = alphas_cumprod.to(x0.device)
     timesteps = timesteps.to(x0.device).long().repeat(2)

@@ -209,6 +209,12 @@ def add_inpo_args(parser, default_beta):
         "noise shared by the pair as Diffusion-DPO's (default 0.5; 1 is Diffusion-DPO).",
     )
     group.add_argument(
+        "--share_inverted_noise",
+        action="store_true",
+        help="With --latent_source inverted_noise: both images of a pair take one inverted noise, "
+        "standardise((ε'_w + ε'_l)/√2), as Diffusion-DPO gives both its one fresh noise.",
+    )
+    group.add_argument(
         "--loss_type",
         choices=inpo_utils.LOSS_TYPES,
         default="sigmoid",
@@ -386,6 +392,8 @@ def validate_args(args):
         problems.append(f"--fresh_noise_mix must be in [0, 1], got {args.fresh_noise_mix}.")
     if args.fresh_noise_mix is not None and args.latent_source != "inverted_noise":
         problems.append("--fresh_noise_mix mixes into the inverted noise; it needs --latent_source inverted_noise.")
+    if args.share_inverted_noise and args.latent_source != "inverted_noise":
+        problems.append("--share_inverted_noise shares the inverted noise; it needs --latent_source inverted_noise.")
     if args.latent_source == "forward" and args.inversion_steps is not None:
         problems.append("--inversion_steps sets the inversion grid; --latent_source forward inverts nothing.")
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -1193,6 +1201,7 @@ def compute_loss(
             generator=generator,
             loss_type=args.loss_type,
             fresh_noise_mix=args.fresh_noise_mix or 0.0,
+            share_inverted_noise=args.share_inverted_noise,
             policy_dtype=policy_input_dtype(accelerator, unet),
         )
 
@@ -1490,7 +1499,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
 | optimizer steps | {args.max_train_steps} |
 | pairs per step | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| latent source | {args.latent_source}{"" if args.latent_source == "forward" else f" ({args.inversion_steps} inversion steps)"}{f", fresh noise mix {args.fresh_noise_mix}" if args.latent_source == "inverted_noise" else ""}{f", eta {args.inversion_eta}" if args.latent_source == "inversion" else ""} |
+| latent source | {args.latent_source}{"" if args.latent_source == "forward" else f" ({args.inversion_steps} inversion steps)"}{f", fresh noise mix {args.fresh_noise_mix}{', shared within pairs' if args.share_inverted_noise else ''}" if args.latent_source == "inverted_noise" else ""}{f", eta {args.inversion_eta}" if args.latent_source == "inversion" else ""} |
 | train mode | {args.train_mode}{f", rank {args.rank}" if args.train_mode == "lora" else ""} |
 | resolution | {args.resolution} |
 
@@ -1639,6 +1648,7 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
                     fresh_noise_mix=args.fresh_noise_mix,
                     added_cond_kwargs=added_cond_kwargs,
                     generator=generator,
+                    share_inverted_noise=args.share_inverted_noise,
                 )
             rows["pair_index"] = torch.tensor([i for i, _ in kept])
             for name, value in rows.items():

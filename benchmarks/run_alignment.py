@@ -73,6 +73,8 @@ METHODS = {
     "inverted_noise_mix50": inverted_noise_flags(0.5, 10),
     "inverted_noise_k50": inverted_noise_flags(0, 50),
     "inverted_noise_mix50_k5": inverted_noise_flags(0.5, 5),  # the scripts' defaults, pinned
+    # The default with the pair's two inverted noises made one (--share_inverted_noise).
+    "inverted_noise_mix50_k5_shared": [*inverted_noise_flags(0.5, 5), "--share_inverted_noise"],
 }
 # Methods trained from the invert-once cache: train_inpo.py first writes it (--precompute_inversion_cache), then
 # trains from it; their wall time is the sum of both runs. The cache stores each pair's inverted noise and one

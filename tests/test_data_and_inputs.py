@@ -135,6 +135,7 @@ def test_wrong_split_says_how_to_fix(pickapic):
         ({"latent_source": "forward", "inversion_steps": 5}, "--latent_source forward inverts nothing"),
         ({"latent_source": "inversion", "inversion_eta": -1}, "--inversion_eta must be >= 0"),
         ({"nccl_timeout": 0}, "--nccl_timeout must be at least 1 second"),
+        ({"latent_source": "forward", "share_inverted_noise": True}, "it needs --latent_source inverted_noise"),
     ],
 )
 def test_bad_arguments_are_refused(override, message, tmp_path):

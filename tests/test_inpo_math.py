@@ -358,3 +358,19 @@ def test_scheduler_tensors_are_moved_once_and_the_grid_stays_on_the_host():
     scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10, device="meta")
     assert scheduler.alphas_cumprod.device.type == "meta" and scheduler.initial_alpha_cumprod.device.type == "meta"
     assert scheduler.timesteps.device.type == "cpu"
+
+
+def test_share_within_pairs_gives_both_images_the_standardised_mean_noise():
+    torch.manual_seed(4)
+    noise = torch.randn(4, 4, 4, 4)  # pairs (0, 2) and (1, 3)
+    shared = inpo_utils.share_within_pairs(noise)
+    torch.testing.assert_close(shared[:2], shared[2:])
+    torch.testing.assert_close(shared[0], standardise((noise[0:1] + noise[2:3]) / math.sqrt(2))[0])
+    x0, timesteps = torch.randn(4, 4, 4, 4), torch.tensor([5, 500, 5, 500])
+    scheduler = make_inverse_scheduler(DDIMScheduler(**SD15_SCHEDULE).config, 10)
+    unet, hidden = ConstantNoiseUNet(torch.randn(1, 4, 4, 4)), torch.zeros(4, 3, 16)
+    _, per_image = source_latents(x0, timesteps, "inverted_noise", unet, hidden, scheduler, fresh_noise_mix=0.0)
+    _, paired = source_latents(
+        x0, timesteps, "inverted_noise", unet, hidden, scheduler, fresh_noise_mix=0.0, share_inverted_noise=True
+    )
+    torch.testing.assert_close(paired, inpo_utils.share_within_pairs(per_image))
