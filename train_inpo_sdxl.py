@@ -269,7 +269,7 @@ def add_cache_args(parser):
         type=int,
         default=1,
         help="Training draws (t, fresh noise, reference errors) stored per pair, one per epoch; a run of more epochs "
-        "reuses them in turn. Each costs one reference forward per image in the precompute (the inversion K).",
+        "reuses them in turn. Each costs one reference forward per image in the precompute, beside the inversion's K.",
     )
     group.add_argument("--cache_dtype", choices=tuple(inpo_utils.CACHE_DTYPES), default="fp16")
     group.add_argument("--cache_shard_size", type=int, default=256, help="Pairs per cache shard.")
