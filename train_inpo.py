@@ -1174,10 +1174,11 @@ def encode_prompt(batch, frozen, args, generator):
     return hidden_states.repeat(2, 1, 1), None
 
 
-def policy_input_dtype(accelerator, unet):
+def policy_input_dtype(accelerator):
     """The dtype of the policy's trainable weights, which its inputs take: float32 under accelerate's mixed
-    precision (autocast casts down), the module's own bf16/fp16 under DeepSpeed, which runs no autocast."""
-    return next(p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad).dtype
+    precision (`setup_policy_and_reference` keeps them so; autocast casts down), the mixed-precision dtype under
+    DeepSpeed, which casts the whole module to it and runs no autocast."""
+    return weight_dtype_of(accelerator) if accelerator.distributed_type == DistributedType.DEEPSPEED else torch.float32
 
 
 def compute_loss(
@@ -1202,7 +1203,7 @@ def compute_loss(
             loss_type=args.loss_type,
             fresh_noise_mix=args.fresh_noise_mix or 0.0,
             share_inverted_noise=args.share_inverted_noise,
-            policy_dtype=policy_input_dtype(accelerator, unet),
+            policy_dtype=policy_input_dtype(accelerator),
         )
 
 
@@ -1227,7 +1228,7 @@ def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
             loss_type=args.loss_type,
             fresh_noise_mix=args.fresh_noise_mix,
             fresh_noise=None if fresh is None else fresh.to(device, torch.float32),
-            policy_dtype=policy_input_dtype(accelerator, unet),
+            policy_dtype=policy_input_dtype(accelerator),
         )
 
 
