@@ -117,18 +117,24 @@ def timed_run(args_list, log_path):
     return wall, peak_kib / 1024
 
 
-def mean_step_time(output_dir):
+def logged_scalars(output_dir, tag):
+    """{step: value} of a scalar a training run logged to tensorboard under `output_dir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    times = {}
+    values = {}
     for root, _, files in os.walk(os.path.join(output_dir, "logs")):
         if any(name.startswith("events.out") for name in files):
             events = EventAccumulator(root)
             events.Reload()
-            if "step_time" in events.Tags()["scalars"]:
-                times.update({e.step: e.value for e in events.Scalars("step_time")})
-    later = [value for step, value in sorted(times.items()) if step > 1]  # step 1 pays for warm-up
-    return sum(later) / len(later)
+            if tag in events.Tags()["scalars"]:
+                values.update({event.step: event.value for event in events.Scalars(tag)})
+    return values
+
+
+def mean_step_time(output_dir):
+    """Mean logged `step_time` after the first step, which pays for warm-up."""
+    later = [value for step, value in sorted(logged_scalars(output_dir, "step_time").items()) if step > 1]
+    return sum(later) / max(len(later), 1)
 
 
 def main():

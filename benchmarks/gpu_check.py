@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.alignment_world import write_tiny_clip_tokenizer  # noqa: E402
+from benchmarks.cache_benchmark import logged_scalars, mean_step_time  # noqa: E402
 from benchmarks.pickapic_format import encode_png, write_pickapic_parquet  # noqa: E402
 
 
@@ -174,19 +175,6 @@ def run_script(script, flags):
     return time.perf_counter() - started, output.getvalue()[-4000:]
 
 
-def scalars(output_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for root, _, files in os.walk(os.path.join(output_dir, "logs")):
-        if any(name.startswith("events.out") for name in files):
-            events = EventAccumulator(root)
-            events.Reload()
-            if tag in events.Tags()["scalars"]:
-                values.update({event.step: event.value for event in events.Scalars(tag)})
-    return values
-
-
 def lora_changes_output(family, model_dir, output_dir, device):
     """Load the saved LoRA into a fresh pipeline with `load_lora_weights`; the largest change of the UNet's output."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -301,8 +289,7 @@ def main():
             except (Exception, SystemExit) as error:  # the table reports it and the check goes on
                 seconds, failure = float("nan"), f"{type(error).__name__}: {error}"[:120]
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            step_times = [v for step, v in sorted(scalars(out, "step_time").items()) if step > 1]
-            skipped = scalars(out, "skipped_overflow_steps")
+            skipped = logged_scalars(out, "skipped_overflow_steps")
             change = float("nan")
             if not failure:
                 change = lora_changes_output(family, model_dir, out, device)
@@ -313,7 +300,7 @@ def main():
                     precision,
                     attention_kind,
                     peak,
-                    sum(step_times) / max(len(step_times), 1),
+                    mean_step_time(out),
                     int(max(skipped.values())) if skipped else 0,
                     change,
                     failure,
