@@ -13,15 +13,18 @@
 # limitations under the License.
 """A synthetic text-to-image world in which preference is known exactly.
 
-Images are 32x32 RGB renders of one coloured shape ("a red circle") on a plain grey background whose brightness,
-like the shape's position and size, is random and not named by the caption. A programmatic reward scores decoded
-images (by default: how bright the background is), so a preference-tuned model can be measured exactly, and a
-colour classifier checks that it still draws what the caption asks for.
+Images are RGB renders of a coloured shape ("a red circle") on a grey background whose brightness, like the
+shape's position and size, is random and not named by the caption. A programmatic reward scores decoded images (by
+default: how bright the background is), so a preference-tuned model can be measured exactly, and a colour classifier
+checks that it still draws what the caption asks for. The default world is 32x32 px with one shape on a flat
+background; `BaseModelConfig` also builds others (64 px, a striped background, several copies of the shape, a
+smaller UNet), each a structurally different world for the benchmark suite (benchmarks/run_suite.py).
 
 The pieces, in the order a benchmark uses them:
     render / render_dataset        the world's ground-truth images and captions
     REWARDS, reward_of             the preference, defined in one registry (name -> fn(images, captions)): a
-                                   low-frequency one (background_brightness) and one in detail (edge_sharpness)
+                                   global tone (background_brightness), local attributes (object_size,
+                                   horizontal_position, centredness) and a detail (edge_sharpness)
     predict_colour, fidelity       does an image still follow its caption
     background_roughness, quality  texture in the flat background, an artefact (image-quality check)
     write_tiny_clip_tokenizer      a character-level CLIPTokenizer (the base model's; the tests' tiny pipelines')
@@ -30,7 +33,8 @@ The pieces, in the order a benchmark uses them:
     make_preference_pairs          Pick-a-Pic-v2-format parquet of base-model sample pairs labelled by the reward
     evaluate, win_rate             mean reward, win rate against the base model and fidelity of a pipeline
 
-Image arrays are float (N, 32, 32, 3) in [0, 1] unless said otherwise (uint8 renders are (32, 32, 3)).
+Image arrays are float (N, S, S, 3) in [0, 1] (S the world's image size) unless said otherwise (uint8 renders are
+(S, S, 3)).
 """
 
 import dataclasses
@@ -53,7 +57,7 @@ from benchmarks.pickapic_format import encode_png, write_pickapic_parquet
 # Bump when rendering, reward or training code changes, so cached models and pair datasets are rebuilt.
 WORLD_VERSION = "1"
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the default world's; others set BaseModelConfig.image_size
 COLOURS = {
     "red": (0.9, 0.1, 0.1),
     "yellow": (0.9, 0.85, 0.1),
@@ -62,11 +66,15 @@ COLOURS = {
 }
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND_GREY = (0.15, 0.85)  # the background level is uniform in this range: the base model's reward spread
-SHAPE_RADIUS = (5.0, 9.0)  # half side / radius in pixels
+SHAPE_RADIUS = (5.0, 9.0)  # half side / radius in pixels of a 32 px image
 COLOUR_JITTER = 0.08
 # Chroma (max - min channel) separates the saturated shape from the grey background at any brightness.
 FOREGROUND_CHROMA = 0.25
 MIN_FOREGROUND_PIXELS = 4
+BACKGROUNDS = ("flat", "striped")
+# Stripes of a striped background: amplitude (luminance), period (pixels of a 32 px image), any angle and phase.
+STRIPE_AMPLITUDE = (0.04, 0.1)
+STRIPE_PERIOD = (4.0, 8.0)
 # Sampling defaults for pairs and evaluation. The default base model's colour fidelity over 96 samples at 20 DDIM
 # steps was 0.49 / 0.76 / 0.96 / 1.00 at guidance 1 / 3 / 5 / 7.5: 5 follows captions without saturating them.
 NUM_INFERENCE_STEPS = 20
@@ -92,9 +100,9 @@ def parse_caption(caption):
 ALL_CAPTIONS = [caption_of(colour, shape) for colour in COLOURS for shape in SHAPES]
 
 
-def _shape_coverage(shape, cx, cy, radius, supersample=4):
-    """Anti-aliased coverage (32, 32) in [0, 1] of a shape centred at (cx, cy) pixels, by supersampling."""
-    n = IMAGE_SIZE * supersample
+def _shape_coverage(shape, cx, cy, radius, image_size=IMAGE_SIZE, supersample=4):
+    """Anti-aliased coverage (S, S) in [0, 1] of a shape centred at (cx, cy) pixels, by supersampling."""
+    n = image_size * supersample
     coords = (np.arange(n) + 0.5) / supersample
     y, x = np.meshgrid(coords, coords, indexing="ij")
     dx, dy = x - cx, y - cy
@@ -107,35 +115,57 @@ def _shape_coverage(shape, cx, cy, radius, supersample=4):
         inside = (depth >= 0) & (depth <= 2 * radius) & (np.abs(dx) <= depth / 2)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return inside.reshape(IMAGE_SIZE, supersample, IMAGE_SIZE, supersample).mean(axis=(1, 3))
+    return inside.reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))
 
 
-def render(caption_parts, rng):
-    """Render ("red", "circle") with random background grey, colour jitter, size and position.
+def _stripes(rng, image_size):
+    """A zero-mean luminance pattern (S, S, 1) of parallel stripes at a random angle, period, phase and amplitude."""
+    scale = image_size / IMAGE_SIZE
+    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    period, amplitude = rng.uniform(*STRIPE_PERIOD) * scale, rng.uniform(*STRIPE_AMPLITUDE)
+    y, x = np.meshgrid(np.arange(image_size) + 0.5, np.arange(image_size) + 0.5, indexing="ij")
+    wave = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
+    return (amplitude * wave)[..., None]
 
-    Returns a uint8 array (32, 32, 3). The same `rng` state gives the same image.
+
+def render(caption_parts, rng, image_size=IMAGE_SIZE, background="flat", num_objects=1, shape_radius=SHAPE_RADIUS):
+    """Render ("red", "circle") with random background grey, colour jitter, and each copy's size and position.
+
+    `num_objects` copies of the shape share the jittered colour; `shape_radius` is in pixels of a 32 px image and
+    scales with `image_size`; a "striped" background adds grey stripes around the random grey level. Returns a
+    uint8 array (S, S, 3). The same `rng` state gives the same image.
     """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
     colour, shape = caption_parts
+    scale = image_size / IMAGE_SIZE
     grey = rng.uniform(*BACKGROUND_GREY)
     rgb = np.clip(np.asarray(COLOURS[colour]) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3), 0.0, 1.0)
-    radius = rng.uniform(*SHAPE_RADIUS)
-    # Keep a 2-pixel margin so the whole shape, and some background on every side, is in the frame.
-    cx, cy = rng.uniform(radius + 2, IMAGE_SIZE - radius - 2, size=2)
-    coverage = _shape_coverage(shape, cx, cy, radius)[..., None]
-    image = (1 - coverage) * grey + coverage * rgb
+    coverage = np.zeros((image_size, image_size))
+    for _ in range(num_objects):
+        radius = rng.uniform(*shape_radius) * scale
+        # Keep a 2-pixel margin so the whole shape, and some background on every side, is in the frame.
+        cx, cy = rng.uniform(radius + 2 * scale, image_size - radius - 2 * scale, size=2)
+        coverage = np.maximum(coverage, _shape_coverage(shape, cx, cy, radius, image_size))
+    coverage = coverage[..., None]
+    backdrop = grey + (_stripes(rng, image_size) if background == "striped" else 0.0)
+    image = (1 - coverage) * np.clip(backdrop, 0.0, 1.0) + coverage * rgb
     return np.round(image * 255).astype(np.uint8)
 
 
-def render_dataset(num_images, seed):
-    """`num_images` renders cycling through ALL_CAPTIONS. Returns (uint8 (N, 32, 32, 3), list of N captions)."""
+def render_dataset(num_images, seed, **world):
+    """`num_images` renders cycling through ALL_CAPTIONS; `world`: `render`'s keywords (`BaseModelConfig.world()`).
+
+    Returns (uint8 (N, S, S, 3), list of N captions).
+    """
     rng = np.random.default_rng(seed)
     captions = [ALL_CAPTIONS[i % len(ALL_CAPTIONS)] for i in range(num_images)]
-    images = np.stack([render(parse_caption(c), rng) for c in captions])
+    images = np.stack([render(parse_caption(c), rng, **world) for c in captions])
     return images, captions
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Rewards and fidelity (all on float images (N, 32, 32, 3) in [0, 1])
+# Rewards and fidelity (all on float images (N, S, S, 3) in [0, 1])
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -148,7 +178,7 @@ def _chroma(images):
 
 
 def foreground_mask(images):
-    """Boolean (N, 32, 32): saturated pixels, i.e. the shape (the background is grey at any brightness)."""
+    """Boolean (N, S, S): saturated pixels, i.e. the shape (the background is grey at any brightness)."""
     return _chroma(images) > FOREGROUND_CHROMA
 
 
@@ -163,16 +193,36 @@ def background_brightness(images, captions):
     return np.where(background.any(axis=(1, 2)), total / np.maximum(background.sum(axis=(1, 2)), 1), 0.0)
 
 
-def centredness(images, captions):
-    """1 − (distance of the shape's centroid from the image centre) / (half diagonal), (N,); 0 with no shape."""
+def _foreground_centroid(images):
+    """(count, cx, cy) each (N,): the number of shape pixels and their mean position in pixels."""
     mask = foreground_mask(images)
     count = mask.sum(axis=(1, 2))
-    coords = np.arange(IMAGE_SIZE) + 0.5
+    coords = np.arange(images.shape[1]) + 0.5
     cy = (mask.sum(axis=2) * coords).sum(axis=1) / np.maximum(count, 1)
     cx = (mask.sum(axis=1) * coords).sum(axis=1) / np.maximum(count, 1)
-    half_diagonal = IMAGE_SIZE / math.sqrt(2)
-    distance = np.hypot(cx - IMAGE_SIZE / 2, cy - IMAGE_SIZE / 2)
-    return np.where(count >= MIN_FOREGROUND_PIXELS, 1 - distance / half_diagonal, 0.0)
+    return count, cx, cy
+
+
+def centredness(images, captions):
+    """1 − (distance of the shape's centroid from the image centre) / (half diagonal), (N,); 0 with no shape."""
+    count, cx, cy = _foreground_centroid(images)
+    size = images.shape[1]
+    distance = np.hypot(cx - size / 2, cy - size / 2)
+    return np.where(count >= MIN_FOREGROUND_PIXELS, 1 - distance / (size / math.sqrt(2)), 0.0)
+
+
+def horizontal_position(images, captions):
+    """Mean horizontal position of the shapes' pixels, 0 at the left edge to 1 at the right, (N,); 0.5 with no shape.
+
+    A layout attribute: where the objects are, not how they look.
+    """
+    count, cx, _ = _foreground_centroid(images)
+    return np.where(count >= MIN_FOREGROUND_PIXELS, cx / images.shape[2], 0.5)
+
+
+def object_size(images, captions):
+    """Fraction of the image the shapes cover, (N,): a local attribute, independent of the background's tone."""
+    return foreground_mask(images).mean(axis=(1, 2))
 
 
 def _neighbours_all(mask):
@@ -208,11 +258,13 @@ def edge_sharpness(images, captions):
     return np.where(count >= MIN_FOREGROUND_PIXELS, 1 / (1 + width), 0.0)
 
 
-# The one place rewards are defined: name -> fn(images (N, 32, 32, 3) in [0, 1], captions) -> (N,) rewards.
+# The one place rewards are defined: name -> fn(images (N, S, S, 3) in [0, 1], captions) -> (N,) rewards.
 REWARDS = {
     "background_brightness": background_brightness,
     "centredness": centredness,
     "edge_sharpness": edge_sharpness,
+    "horizontal_position": horizontal_position,
+    "object_size": object_size,
 }
 DEFAULT_REWARD = "background_brightness"
 
@@ -253,8 +305,8 @@ def fidelity(images, captions):
 def background_roughness(images):
     """Image-quality check: mean |pixel − mean of its 3x3 neighbourhood| over flat background, (N,) luminance units.
 
-    Every render's background is one flat grey, so any texture there is an artefact (the blotches that a reward
-    can be won with): 0 for a clean image, larger is worse. Only pixels off the image border whose whole 3x3
+    A flat background's texture is an artefact (the blotches that a reward can be won with): 0 for a clean image,
+    larger is worse; a striped world's renders have their own level, against which a tuned model's is compared. Only pixels off the image border whose whole 3x3
     neighbourhood is background count (the shape's own edges are not texture); 0 if there are none.
     """
     luminance = _luminance(images)
@@ -284,9 +336,16 @@ def quality(images):
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-    """Everything that determines the base model; its hash is the cache fingerprint."""
+    """Everything that determines the base model, its world included; its hash is the cache fingerprint."""
 
     seed: int = 0
+    # The world it is trained on (`render`'s keywords, see `world()`).
+    image_size: int = IMAGE_SIZE
+    background: str = "flat"
+    num_objects: int = 1
+    shape_radius: tuple = SHAPE_RADIUS
+    # Capacity: the UNet's channels per level; latents are 16x16 at any image size (2 VAE levels at 32 px, 3 at 64).
+    unet_channels: tuple = (32, 64)
     num_train_images: int = 4096
     vae_steps: int = 400
     vae_lr: float = 2e-3
@@ -299,6 +358,57 @@ class BaseModelConfig:
     def fingerprint(self):
         payload = json.dumps({"world_version": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def world(self):
+        """`render` / `render_dataset` keywords of this model's world."""
+        return {
+            "image_size": self.image_size,
+            "background": self.background,
+            "num_objects": self.num_objects,
+            "shape_radius": tuple(self.shape_radius),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """A world of the benchmark suite: the base model (and so the renders it learns) and the preference's reward."""
+
+    config: BaseModelConfig
+    reward: str
+    description: str
+
+
+# The suite (benchmarks/run_suite.py): structurally different worlds, each cheap to build on 2 CPU cores. They
+# differ in resolution and VAE depth, background, number of objects, UNet capacity and training, and in what the
+# reward measures: a global tone, a local attribute, a layout.
+WORLDS = {
+    "shapes_brightness": World(
+        BaseModelConfig(),
+        "background_brightness",
+        "32 px, one shape on a flat grey; prefer the brighter background (a global tone). The shipped base model.",
+    ),
+    "striped_size": World(
+        BaseModelConfig(
+            background="striped",
+            shape_radius=(3.0, 10.0),
+            unet_channels=(16, 32),
+            num_train_images=2048,
+            vae_steps=300,
+            unet_steps=600,
+        ),
+        "object_size",
+        "32 px, one shape on a striped grey, a 4x smaller and shorter-trained UNet; prefer the larger shape (a "
+        "local attribute).",
+    ),
+    "two_shapes_64_position": World(
+        BaseModelConfig(
+            image_size=64, num_objects=2, shape_radius=(3.0, 6.0), num_train_images=2048, vae_steps=300, unet_steps=800
+        ),
+        "horizontal_position",
+        "64 px (a 3-level VAE), two copies of the shape on a flat grey; prefer shapes further right (a layout).",
+    ),
+}
+DEFAULT_WORLD = "shapes_brightness"
 
 
 TOKENIZER_MAX_LENGTH = 20  # "a yellow triangle" is 15 character tokens + start + end
@@ -345,38 +455,43 @@ def _text_encoder(vocab_size):
     return CLIPTextModel(config)
 
 
-def _vae():
+LATENT_SIZE = 16
+
+
+def _vae(image_size):
     from diffusers import AutoencoderKL
 
-    # Two levels: 32 px images <-> 4 x 16 x 16 latents (the SD layout at 1/16 of the side).
+    # One level per halving: 32 px images <-> 4 x 16 x 16 latents (the SD layout at 1/16 of the side) in two, 64 px in
+    # three (SD's own 8x downsampling is three halvings).
+    levels = 1 + int(math.log2(image_size // LATENT_SIZE))
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(16, 32, 32)[:levels],
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
+        sample_size=image_size,
     )
 
 
-def _unet():
+def _unet(channels):
     from diffusers import UNet2DConditionModel
 
     # Cross-attention only at the 8x8 level: the caption fixes global properties (colour, shape), and attention
     # over 64 rather than 256 positions keeps a training step at ~0.2 s on 2 CPU cores.
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
+        sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=16,
+        norm_num_groups=min(16, channels[0]),
     )
 
 
@@ -396,7 +511,7 @@ def _scheduler():
 
 
 def _to_model_range(images_uint8):
-    """uint8 (N, 32, 32, 3) -> float tensor (N, 3, 32, 32) in [-1, 1], the SD VAE's input range."""
+    """uint8 (N, S, S, 3) -> float tensor (N, 3, S, S) in [-1, 1], the SD VAE's input range."""
     return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -410,7 +525,7 @@ def _cosine_lr(optimizer, total_steps, warmup=20):
 
 
 def _train_vae(vae, pixels, config, generator, log):
-    """Fit the VAE as an autoencoder on pixels (N, 3, 32, 32) in [-1, 1]: MSE + a small KL to keep latents tame."""
+    """Fit the VAE as an autoencoder on pixels (N, 3, S, S) in [-1, 1]: MSE + a small KL to keep latents tame."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     schedule = _cosine_lr(optimizer, config.vae_steps)
     vae.train()
@@ -431,7 +546,7 @@ def _train_vae(vae, pixels, config, generator, log):
 
 @torch.no_grad()
 def _encode(vae, pixels, batch_size=256):
-    """Posterior means and stds (N, 4, 16, 16) of pixels (N, 3, 32, 32)."""
+    """Posterior means and stds (N, 4, 16, 16) of pixels (N, 3, S, S)."""
     dists = [vae.encode(pixels[i : i + batch_size]).latent_dist for i in range(0, len(pixels), batch_size)]
     return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
@@ -512,11 +627,12 @@ def build_base_model(
     start = time.time()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    images, captions = render_dataset(config.num_train_images, seed=config.seed)
+    images, captions = render_dataset(config.num_train_images, seed=config.seed, **config.world())
     pixels = _to_model_range(images)
 
     tokenizer = write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"), max_length=TOKENIZER_MAX_LENGTH)
-    text_encoder, vae, unet, scheduler = _text_encoder(len(tokenizer)), _vae(), _unet(), _scheduler()
+    text_encoder, scheduler = _text_encoder(len(tokenizer)), _scheduler()
+    vae, unet = _vae(config.image_size), _unet(config.unet_channels)
     text_encoder.eval()  # stays random and frozen: still one distinct embedding sequence per caption
 
     log(f"Training the VAE ({config.vae_steps} steps)...")
@@ -526,7 +642,7 @@ def build_base_model(
     # SD convention: latents are multiplied by scaling_factor so the diffusion model sees unit variance.
     scaling_factor = float(1 / mean.std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    reconstruction = _reconstruction_report(vae, config.seed)
+    reconstruction = _reconstruction_report(vae, config)
 
     log(f"Training the UNet ({config.unet_steps} steps)...")
     embeddings = _caption_embeddings(tokenizer, text_encoder, ALL_CAPTIONS + [""])
@@ -566,9 +682,9 @@ def build_base_model(
 
 
 @torch.no_grad()
-def _reconstruction_report(vae, seed, num_images=192):
+def _reconstruction_report(vae, config, num_images=192):
     """How well the VAE round-trips fresh renders: pixel error, fidelity, and whether the reward survives."""
-    images, captions = render_dataset(num_images, seed=seed + 1)  # renders the VAE has not seen
+    images, captions = render_dataset(num_images, seed=config.seed + 1, **config.world())  # renders it has not seen
     pixels = _to_model_range(images)
     decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
     recon = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy().astype(np.float64)
@@ -595,6 +711,11 @@ def _summary(result, num_seeds):
     }
 
 
+def image_size_of(path):
+    """The image size of the base model saved at `path` (from its build metadata)."""
+    return _read_meta(path)["config"]["image_size"]
+
+
 def load_pipeline(path):
     from diffusers import StableDiffusionPipeline
 
@@ -610,7 +731,8 @@ def load_pipeline(path):
 
 @torch.no_grad()
 def sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale, batch_size=64):
-    """One image per (caption, seed) pair, float (N, 32, 32, 3) in [0, 1], quantised to uint8 levels.
+    """One image per (caption, seed) pair, float (N, S, S, 3) in [0, 1], quantised to uint8 levels, at the
+    pipeline's own size (the UNet's sample size times the VAE's scale factor).
 
     Each image's initial noise comes from its own seeded generator, so an image does not depend on the batch it
     was drawn in, and two pipelines sampled with the same seeds start from the same noise. Quantising makes the
@@ -623,8 +745,6 @@ def sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale, ba
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
         images = pipe(
             chunk,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
@@ -640,7 +760,7 @@ def _label(reward_0, reward_1):
 
 
 def write_pairs_parquet(folder, captions, images_0, images_1, labels):
-    """Write `folder/train-00000-of-00001.parquet` in Pick-a-Pic v2 layout; images uint8 (N, 32, 32, 3)."""
+    """Write `folder/train-00000-of-00001.parquet` in Pick-a-Pic v2 layout; images uint8 (N, S, S, 3)."""
     rows = [
         {"caption": caption, "jpg_0": encode_png(x0), "jpg_1": encode_png(x1), "label_0": float(label)}
         for caption, x0, x1, label in zip(captions, images_0, images_1, labels, strict=True)
@@ -662,7 +782,7 @@ def sample_pair_images(
 ):
     """Two samples per prompt (different seeds), prompts cycling through ALL_CAPTIONS.
 
-    Returns (captions (N,), images_0, images_1 each (N, 32, 32, 3) in [0, 1]). With `cache_path` (an .npz), the
+    Returns (captions (N,), images_0, images_1 each (N, S, S, 3) in [0, 1]). With `cache_path` (an .npz), the
     samples are stored there and read back while the settings and `fingerprint` (the base model's) match, so pair
     sets labelled by other rewards, or with flipped labels, share the same images.
     """
@@ -773,7 +893,7 @@ def evaluate(
 ):
     """Sample `pipe` once per (captions[i], seeds[i]) and score the samples.
 
-    Returns {"images": (N, 32, 32, 3), "captions", "rewards": (N,), "mean_reward", "fidelity", "quality"}.
+    Returns {"images": (N, S, S, 3), "captions", "rewards": (N,), "mean_reward", "fidelity", "quality"}.
     """
     images = sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale)
     rewards = reward_of(reward_name, images, captions)

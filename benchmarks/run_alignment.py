@@ -75,6 +75,9 @@ METHODS = {
     "inverted_noise_mix50_k5": inverted_noise_flags(0.5, 5),  # the scripts' defaults, pinned
     # The default with the pair's two inverted noises made one (--share_inverted_noise).
     "inverted_noise_mix50_k5_shared": [*inverted_noise_flags(0.5, 5), "--share_inverted_noise"],
+    # Candidates for the default, as changes to whatever train_inpo.py defaults to (benchmarks/run_suite.py).
+    "default_shared": ["--share_inverted_noise"],
+    "default_mix90": ["--fresh_noise_mix", "0.9"],
 }
 # Methods trained from the invert-once cache: train_inpo.py first writes it (--precompute_inversion_cache), then
 # trains from it; their wall time is the sum of both runs. The cache stores each pair's inverted noise and one
@@ -91,6 +94,8 @@ CACHED_METHODS = {
     # The default from the cache with two draws per pair: 100 steps of batch 8 on 512 pairs are 1.6 epochs, so every
     # pair meets a new t and fresh noise in its second epoch, as online training's.
     "inverted_noise_mix50_cached_k5_draws2": [*inverted_noise_flags(0.5, 5), "--cache_draws_per_pair", "2"],
+    # train_inpo.py's defaults, trained from the cache: a user's first run with --precompute_inversion_cache.
+    "default_cached": [],
 }
 METHODS.update(CACHED_METHODS)
 DEFAULT_METHODS = ["inpo_grid", "diffusion_dpo", "inverted_noise"]
@@ -106,7 +111,7 @@ QUICK = {
     "train_batch_size": 2,
     "num_inference_steps": 4,
 }
-QUICK_BASE = world.BaseModelConfig(num_train_images=256, vae_steps=20, unet_steps=20)
+QUICK_BASE = {"num_train_images": 256, "vae_steps": 20, "unet_steps": 20}
 
 
 def parse_args(argv=None):
@@ -114,7 +119,13 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "out"))
     parser.add_argument("--quick", action="store_true", help="Tiny sizes everywhere; outputs in OUT_DIR/quick.")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=DEFAULT_METHODS)
-    parser.add_argument("--reward", choices=sorted(world.REWARDS), default=world.DEFAULT_REWARD)
+    parser.add_argument(
+        "--world",
+        choices=sorted(world.WORLDS),
+        default=world.DEFAULT_WORLD,
+        help="The base model's world (alignment_world.WORLDS); its reward unless --reward.",
+    )
+    parser.add_argument("--reward", choices=sorted(world.REWARDS), default=None, help="Default: the world's.")
     parser.add_argument(
         "--flipped_labels",
         action="store_true",
@@ -167,7 +178,15 @@ def parse_args(argv=None):
         help="DDIM steps for pairs and evaluation.",
     )
     parser.add_argument("--guidance_scale", type=float, default=world.GUIDANCE_SCALE)
+    parser.add_argument(
+        "--final_guidance_scales",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Also evaluate the base model and each method's final LoRA at these guidance scales.",
+    )
     args = parser.parse_args(argv)
+    args.reward = args.reward or world.WORLDS[args.world].reward
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
@@ -177,7 +196,7 @@ def parse_args(argv=None):
 
 def base_config(args):
     seed = args.seed if args.base_seed is None else args.base_seed
-    return dataclasses.replace(QUICK_BASE if args.quick else world.BaseModelConfig(), seed=seed)
+    return dataclasses.replace(world.WORLDS[args.world].config, seed=seed, **(QUICK_BASE if args.quick else {}))
 
 
 def latent_source(method):
@@ -208,7 +227,7 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         "--output_dir",
         run_dir,
         "--resolution",
-        str(world.IMAGE_SIZE),
+        str(world.image_size_of(base_dir)),
         "--train_batch_size",
         str(args.train_batch_size),
         "--max_train_steps",
@@ -221,8 +240,9 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         str(args.rank),
         "--seed",
         str(args.seed),
+        # Its logged step_time is the training seconds of the benchmark tables (start-up and checkpoints excluded).
         "--report_to",
-        "none",
+        "tensorboard",
         "--checkpointing_steps",
         str(args.eval_every),
         *(["--inversion_steps", str(args.inversion_steps)] if inversion_steps else []),
@@ -260,6 +280,21 @@ def train(args, method, base_dir, pairs_dir, run_dir):
         flush=True,
     )
     return seconds
+
+
+def training_seconds(run_dir):
+    """{"step_seconds": train_inpo.py's logged step_time summed, "precompute_seconds": the cache's precompute, or 0}.
+
+    Start-up, checkpointing and evaluation are left out: they do not grow with the number of steps.
+    """
+    from benchmarks.cache_benchmark import logged_scalars
+
+    precompute = 0.0
+    manifest = os.path.join(run_dir, "inversion_cache", "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            precompute = json.load(f)["seconds_last_run"]
+    return {"step_seconds": sum(logged_scalars(run_dir, "step_time").values()), "precompute_seconds": precompute}
 
 
 def lora_exports(run_dir, max_train_steps):
@@ -431,11 +466,23 @@ def main(argv=None, model_config=None):
     samples = {"base": base["images"]}
     print(f"[base] {results['base']['rows'][0]}", flush=True)
 
+    base_at = {}
+    for scale in args.final_guidance_scales:
+        base_at[scale] = world.evaluate(pipe, captions, seeds, **{**sampling_kwargs(args), "guidance_scale": scale})
+        results["base"].setdefault("final_at_guidance", {})[str(scale)] = score(
+            base_at[scale], base_at[scale]["rewards"]
+        )
+
     for method in args.methods:
         run_dir = os.path.join(args.out_dir, "runs", run_tag(args), f"{method}_seed{args.seed}")
         seconds = train(args, method, base_dir, pairs_dir, run_dir)
         rows, samples[method] = evaluate_method(pipe, args, run_dir, captions, seeds, base["rewards"])
-        results[method] = {"train_seconds": seconds, "rows": rows}
+        results[method] = {"train_seconds": seconds, **training_seconds(run_dir), "rows": rows}
+        for scale, base_result in base_at.items():
+            result = world.evaluate_lora(
+                pipe, run_dir, captions, seeds, **{**sampling_kwargs(args), "guidance_scale": scale}
+            )
+            results[method].setdefault("final_at_guidance", {})[str(scale)] = score(result, base_result["rewards"])
 
     table = markdown_table(args, results, base_meta, pairs_meta, len(captions))
     print(table)
