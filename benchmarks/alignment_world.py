@@ -402,7 +402,7 @@ WORLDS = {
     ),
     "two_shapes_64_position": World(
         BaseModelConfig(
-            image_size=64, num_objects=2, shape_radius=(3.0, 6.0), num_train_images=2048, vae_steps=300, unet_steps=800
+            image_size=64, num_objects=2, shape_radius=(3.0, 6.0), num_train_images=2048, vae_steps=800, unet_steps=800
         ),
         "horizontal_position",
         "64 px (a 3-level VAE), two copies of the shape on a flat grey; prefer shapes further right (a layout).",
@@ -665,7 +665,7 @@ def build_base_model(
     check = evaluate(pipe, *eval_prompts(num_check_seeds), DEFAULT_REWARD, num_inference_steps, guidance_scale)
     meta = {
         "fingerprint": config.fingerprint(),
-        "config": dataclasses.asdict(config),
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),  # as read back: tuples become lists
         "vae_seconds": round(vae_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "scaling_factor": scaling_factor,

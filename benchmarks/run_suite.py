@@ -32,7 +32,6 @@ method's worst case over the worlds.
 """
 
 import argparse
-import concurrent.futures
 import glob
 import json
 import math
@@ -68,9 +67,11 @@ def parse_args(argv=None):
     parser.add_argument("--worlds", nargs="+", choices=sorted(world.WORLDS), default=list(world.WORLDS))
     parser.add_argument("--methods", nargs="+", choices=sorted(run_alignment.METHODS), default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help=f"Default: {SEEDS} ({QUICK_SEEDS} quick).")
-    parser.add_argument("--jobs", type=int, default=2, help="Runs at a time, each with cores / jobs threads.")
+    parser.add_argument("--jobs", type=int, default=2, help="Runs at a time.")
+    parser.add_argument("--threads", type=int, default=None, help="Torch threads per run. Default: cores / jobs.")
     parser.add_argument("--quick", action="store_true", help="run_alignment.py --quick sizes; OUT_DIR/quick.")
     parser.add_argument("--summarize", action="store_true", help="Only the table and plot of finished runs.")
+    parser.add_argument("--prepare", action="store_true", help="Only build the worlds' base models and pairs.")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     if args.quick:
@@ -111,54 +112,64 @@ def prepare(args, world_name):
     return world_name
 
 
-def run_one(args, argv, threads, log_path):
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, os.path.join(run_alignment.REPO_ROOT, "benchmarks", "run_alignment.py"), *argv]
-    with open(log_path, "w") as log:
-        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-
-
 def run_suite(args):
+    """Prepare every world, then run everything not yet finished, `--jobs` subprocesses at a time.
+
+    A world's runs start as soon as its base model and pairs are ready, while other worlds are still being built;
+    the runs go seed by seed (every world, method and control of seed 0 first), so a comparable set arrives early.
+    """
     start = time.time()
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    # Worlds are built one per process (each one thread when several run), then the runs, in an order that gets a
-    # comparable set early: seed by seed, every method and its control.
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(args.worlds))) as pool:
-        for name in pool.map(_prepare_in_process, [(args, name, threads) for name in args.worlds]):
-            print(f"[{name}] base model and pairs ready ({time.time() - start:.0f} s)", flush=True)
-    jobs = []
-    for seed in args.seeds:
-        for world_name in args.worlds:
-            for method in args.methods:
-                for flipped in (False, True):
-                    if not os.path.exists(results_path(args, world_name, method, seed, flipped)):
-                        jobs.append((world_name, method, seed, flipped))
-    print(f"{len(jobs)} runs to do", flush=True)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     logs = os.path.join(args.out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    failed = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {}
-        for job in jobs:
-            name = "{}_{}_seed{}{}".format(*job[:3], "_flipped" if job[3] else "")
-            futures[pool.submit(run_one, args, run_argv(args, *job), threads, os.path.join(logs, f"{name}.log"))] = (
-                name
-            )
-        for future in concurrent.futures.as_completed(futures):
-            status = "done" if future.result() == 0 else f"FAILED (exit {future.result()})"
-            failed += [] if future.result() == 0 else [futures[future]]
-            print(f"[{futures[future]}] {status} ({time.time() - start:.0f} s)", flush=True)
+    script = os.path.abspath(__file__)
+    # (label, world whose preparation it waits for or None, command)
+    pending = [(name, None, [sys.executable, script, "--prepare", *world_flags(args, name)]) for name in args.worlds]
+    for seed in args.seeds:
+        for name in args.worlds:
+            for method in args.methods:
+                for flipped in (False, True):
+                    if not os.path.exists(results_path(args, name, method, seed, flipped)):
+                        label = f"{name}_{method}_seed{seed}{'_flipped' if flipped else ''}"
+                        command = [
+                            sys.executable,
+                            run_alignment.__file__,
+                            *run_argv(args, name, method, seed, flipped),
+                        ]
+                        pending.append((label, name, command))
+    print(f"{len(args.worlds)} worlds to prepare, {len(pending) - len(args.worlds)} runs to do", flush=True)
+    ready, running, failed = set(), {}, []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    while pending or running:
+        for label, (process, waits_for) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[label]
+            if process.returncode == 0:
+                ready.add(label)
+            else:
+                failed.append(label)
+                if waits_for is None:  # a world that failed to build: its runs cannot start
+                    pending = [task for task in pending if task[1] != label]
+            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            print(f"[{label}] {status} ({time.time() - start:.0f} s)", flush=True)
+        startable = [task for task in pending if task[1] is None or task[1] in ready]
+        while startable and len(running) < args.jobs:
+            task = startable.pop(0)
+            pending.remove(task)
+            label, waits_for, command = task
+            with open(os.path.join(logs, f"{label}.log"), "w") as log:
+                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[label] = (process, waits_for)
+        time.sleep(1)
     if failed:
-        raise SystemExit(f"{len(failed)} runs failed: {failed}; their logs are in {logs}.")
+        raise SystemExit(f"{len(failed)} tasks failed: {failed}; their logs are in {logs}.")
 
 
-def _prepare_in_process(job):
-    args, name, threads = job
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-    return prepare(args, name)
+def world_flags(args, world_name):
+    """run_suite.py flags that make a --prepare subprocess build `world_name` where this suite keeps it."""
+    out_dir = os.path.dirname(args.out_dir) if args.quick else args.out_dir  # --quick appends /quick again
+    return ["--out_dir", out_dir, "--worlds", world_name, *(["--quick"] if args.quick else [])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,6 +345,10 @@ def summarize(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.prepare:
+        for name in args.worlds:
+            prepare(args, name)
+        return None
     if not args.summarize:
         run_suite(args)
     return summarize(args)

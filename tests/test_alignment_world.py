@@ -168,3 +168,60 @@ def _decode_png(value):
     from PIL import Image
 
     return Image.open(io.BytesIO(value)).convert("RGB")
+
+
+def test_object_size_and_horizontal_position_of_hand_made_images():
+    small, large = _flat(0.5), _flat(0.5)
+    small[0:4, 0:4] = (0.9, 0.1, 0.1)  # 16 pixels, centroid x = 2
+    large[0:8, 24:32] = (0.9, 0.1, 0.1)  # 64 pixels, centroid x = 28
+    images = np.stack([small, large, _flat(0.5)])
+    np.testing.assert_allclose(world.reward_of("object_size", images, ["a red square"] * 3), [16 / 1024, 64 / 1024, 0])
+    np.testing.assert_allclose(
+        world.reward_of("horizontal_position", images, ["a red square"] * 3), [2 / 32, 28 / 32, 0.5]
+    )
+
+
+def test_the_default_world_renders_as_before_and_the_shipped_model_matches_its_fingerprint():
+    import hashlib
+    import json
+    import os
+
+    images, _ = world.render_dataset(64, seed=0)
+    assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == "43d3d4d6726c158a"
+    asset = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "assets", "world_base_model")
+    with open(os.path.join(asset, world.META_FILE)) as f:
+        assert json.load(f)["fingerprint"] == world.WORLDS[world.DEFAULT_WORLD].config.fingerprint()
+
+
+def test_suite_worlds_render_their_structure():
+    striped = world.WORLDS["striped_size"].config.world()
+    two_64 = world.WORLDS["two_shapes_64_position"].config.world()
+    rng = np.random.default_rng(0)
+    flat = world.render(("red", "circle"), np.random.default_rng(0)) / 255.0
+    image = world.render(("red", "circle"), rng, **striped) / 255.0
+    background = ~world.foreground_mask(image[None])[0]
+    # Stripes are grey (no chroma: the shape is still found) with a texture a flat render does not have.
+    assert world.predict_colour(image[None]) == ["red"]
+    assert image[background].std() > 0.02 > flat[~world.foreground_mask(flat[None])[0]].std()
+    image = world.render(("blue", "square"), np.random.default_rng(1), **two_64) / 255.0
+    assert image.shape == (64, 64, 3) and world.predict_colour(image[None]) == ["blue"]
+    # Two squares: more shape pixels than one square of the largest radius can cover in some renders.
+    sizes = [
+        world.object_size(world.render(("blue", "square"), np.random.default_rng(s), **two_64)[None] / 255.0, None)
+        for s in range(20)
+    ]
+    one_square_max = (2 * 6.0 * 2) ** 2 / 64**2
+    assert max(sizes) > one_square_max
+
+
+@pytest.mark.parametrize("name", sorted(world.WORLDS))
+def test_suite_world_models_have_the_world_size_and_16px_latents(name):
+    config = world.WORLDS[name].config
+    vae, unet = world._vae(config.image_size), world._unet(config.unet_channels)
+    import torch
+
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, config.image_size, config.image_size)).latent_dist.mean
+    assert latents.shape == (1, 4, world.LATENT_SIZE, world.LATENT_SIZE)
+    assert unet.config.block_out_channels == tuple(config.unet_channels)
+    assert config.fingerprint() != world.BaseModelConfig().fingerprint() or name == world.DEFAULT_WORLD
