@@ -217,7 +217,8 @@ def add_inpo_args(parser, default_beta):
         type=float,
         default=None,
         help="With --latent_source inverted_noise: λ in [0, 1]; the noise is √(1−λ)·inverted + √λ·fresh, the fresh "
-        "noise shared by the pair as Diffusion-DPO's (default 0.5; 1 is Diffusion-DPO).",
+        "noise shared by the pair as Diffusion-DPO's (default 0.9, chosen by the benchmark suite's worst case; 1 is "
+        "Diffusion-DPO).",
     )
     group.add_argument(
         "--share_inverted_noise",
@@ -486,7 +487,7 @@ def validate_args(args):
     if args.latent_source == "inversion":
         args.inversion_eta = 0.1 if args.inversion_eta is None else args.inversion_eta
     if args.latent_source == "inverted_noise":
-        args.fresh_noise_mix = 0.5 if args.fresh_noise_mix is None else args.fresh_noise_mix
+        args.fresh_noise_mix = 0.9 if args.fresh_noise_mix is None else args.fresh_noise_mix
     if args.inversion_steps is None:
         args.inversion_steps = 5 if args.latent_source == "inverted_noise" else 10
     if args.dataloader_num_workers is None:

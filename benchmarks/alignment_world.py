@@ -380,7 +380,7 @@ class World:
 
 # The suite (benchmarks/run_suite.py): structurally different worlds, each cheap to build on 2 CPU cores. They
 # differ in resolution and VAE depth, background, number of objects, UNet capacity and training, and in what the
-# reward measures: a global tone, a local attribute, a layout.
+# reward measures: a global tone, a local attribute, a detail.
 WORLDS = {
     "shapes_brightness": World(
         BaseModelConfig(),
@@ -400,12 +400,12 @@ WORLDS = {
         "32 px, one shape on a striped grey, a 4x smaller and shorter-trained UNet; prefer the larger shape (a "
         "local attribute).",
     ),
-    "two_shapes_64_position": World(
+    "two_shapes_64_sharpness": World(
         BaseModelConfig(
             image_size=64, num_objects=2, shape_radius=(3.0, 6.0), num_train_images=2048, vae_steps=800, unet_steps=800
         ),
-        "horizontal_position",
-        "64 px (a 3-level VAE), two copies of the shape on a flat grey; prefer shapes further right (a layout).",
+        "edge_sharpness",
+        "64 px (a 3-level VAE), two copies of the shape on a flat grey; prefer the sharper outlines (a detail).",
     ),
 }
 DEFAULT_WORLD = "shapes_brightness"

@@ -254,8 +254,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=os.path.join(run_alignment.REPO_ROOT, "benchmarks", "out", "suite"))
     parser.add_argument("--worlds", nargs="+", choices=sorted(world.WORLDS), default=list(world.WORLDS))
-    parser.add_argument("--num_pairs", type=int, default=64)
-    parser.add_argument("--draws_per_pair", type=int, default=4)
+    parser.add_argument("--num_pairs", type=int, default=256)
+    parser.add_argument("--draws_per_pair", type=int, default=2)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     diagnoses = {name: diagnose_world(args, name) for name in args.worlds}

@@ -195,7 +195,7 @@ def test_the_default_world_renders_as_before_and_the_shipped_model_matches_its_f
 
 def test_suite_worlds_render_their_structure():
     striped = world.WORLDS["striped_size"].config.world()
-    two_64 = world.WORLDS["two_shapes_64_position"].config.world()
+    two_64 = world.WORLDS["two_shapes_64_sharpness"].config.world()
     rng = np.random.default_rng(0)
     flat = world.render(("red", "circle"), np.random.default_rng(0)) / 255.0
     image = world.render(("red", "circle"), rng, **striped) / 255.0

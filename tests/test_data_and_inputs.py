@@ -163,7 +163,7 @@ def test_not_a_pipeline_folder_is_a_clear_error(tmp_path):
 
 def test_inversion_defaults_follow_the_latent_source(tmp_path):
     default = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path)))
-    assert (default.latent_source, default.fresh_noise_mix, default.inversion_steps) == ("inverted_noise", 0.5, 5)
+    assert (default.latent_source, default.fresh_noise_mix, default.inversion_steps) == ("inverted_noise", 0.9, 5)
     assert default.inversion_eta is None  # the reference inverts without noise: one noise per image
     paper = train_inpo.parse_args(tiny_run_args("model", "data", str(tmp_path), latent_source="inversion"))
     assert (paper.inversion_eta, paper.inversion_steps, paper.fresh_noise_mix) == (0.1, 10, None)  # the paper's
