@@ -45,12 +45,17 @@ from benchmarks import alignment_world as world
 from benchmarks import run_alignment
 
 
-# Latent source name -> source_latents keywords (everything else the default's: reference inversion, K = 5).
+# Latent source (named as benchmarks/run_alignment.py's methods) -> source_latents keywords; the inverted noise is the
+# reference's whole-grid inversion with K = 5, as the default's.
 SOURCES = {
     "diffusion_dpo": {"latent_source": "forward"},
-    "default": {"latent_source": "inverted_noise", "fresh_noise_mix": 0.5},
-    "default_shared": {"latent_source": "inverted_noise", "fresh_noise_mix": 0.5, "share_inverted_noise": True},
-    "default_mix90": {"latent_source": "inverted_noise", "fresh_noise_mix": 0.9},
+    "inverted_noise_mix50_k5": {"latent_source": "inverted_noise", "fresh_noise_mix": 0.5},
+    "inverted_noise_mix90_k5": {"latent_source": "inverted_noise", "fresh_noise_mix": 0.9},
+    "inverted_noise_mix50_k5_shared": {
+        "latent_source": "inverted_noise",
+        "fresh_noise_mix": 0.5,
+        "share_inverted_noise": True,
+    },
     "inverted_noise_only": {"latent_source": "inverted_noise", "fresh_noise_mix": 0.0},
 }
 TIMESTEP_RANGES = ((0, 333), (333, 666), (666, 1000))

@@ -47,30 +47,34 @@ def write_run(args, world_name, method, seed, flipped, rewards, step_seconds, pr
 def test_suite_summary_compares_with_diffusion_dpo_per_step_and_per_second(tmp_path):
     args = run_suite.parse_args(["--out_dir", str(tmp_path), "--seeds", "0", "1"])
     args.worlds = ["shapes_brightness", "striped_size"]
-    args.methods = ["default", "diffusion_dpo", "default_cached"]
+    args.methods = ["inverted_noise_mix90_k5", "diffusion_dpo", "inverted_noise_mix90_cached_k5"]
     for seed in (0, 1):
         for name in args.worlds:
             write_run(args, name, "diffusion_dpo", seed, False, (0.52, 0.54), 50.0)
             write_run(args, name, "diffusion_dpo", seed, True, (0.48, 0.46), 50.0)
         # The default: 2x Diffusion-DPO's gain per step at 2x the seconds on one world, half its gain on the other.
-        write_run(args, "shapes_brightness", "default", seed, False, (0.54, 0.58 + 0.01 * seed), 100.0)
-        write_run(args, "shapes_brightness", "default", seed, True, (0.46, 0.42), 100.0)
-        write_run(args, "striped_size", "default", seed, False, (0.51, 0.52), 100.0)
-        write_run(args, "striped_size", "default", seed, True, (0.49, 0.48), 100.0)
+        write_run(args, "shapes_brightness", "inverted_noise_mix90_k5", seed, False, (0.54, 0.58 + 0.01 * seed), 100.0)
+        write_run(args, "shapes_brightness", "inverted_noise_mix90_k5", seed, True, (0.46, 0.42), 100.0)
+        write_run(args, "striped_size", "inverted_noise_mix90_k5", seed, False, (0.51, 0.52), 100.0)
+        write_run(args, "striped_size", "inverted_noise_mix90_k5", seed, True, (0.49, 0.48), 100.0)
         # From the cache: as fast per step as the default, a quarter of its seconds, but its control rises.
         for name in args.worlds:
-            write_run(args, name, "default_cached", seed, False, (0.54, 0.58), 15.0, precompute_seconds=10.0)
-            write_run(args, name, "default_cached", seed, True, (0.51, 0.52), 15.0, precompute_seconds=10.0)
+            write_run(
+                args, name, "inverted_noise_mix90_cached_k5", seed, False, (0.54, 0.58), 15.0, precompute_seconds=10.0
+            )
+            write_run(
+                args, name, "inverted_noise_mix90_cached_k5", seed, True, (0.51, 0.52), 15.0, precompute_seconds=10.0
+            )
 
     summary = run_suite.summarize_world(args, "shapes_brightness")
-    default = summary["default"]
+    default = summary["inverted_noise_mix90_k5"]
     assert default["gain"][0] == pytest.approx(0.085) and default["gain"][1] == pytest.approx(0.01 / 2**0.5)
     assert default["control_gain"][0] == pytest.approx(-0.08)
     assert default["per_step_vs_dpo"] == pytest.approx(0.085 / 0.04)
     assert default["per_second_vs_dpo"] == pytest.approx((0.085 / 100) / (0.04 / 50))
     assert default["gain_at_guidance_1"][0] == pytest.approx(0.085)
     assert default["aligns"] and default["keeps_fidelity"]
-    cached = summary["default_cached"]
+    cached = summary["inverted_noise_mix90_cached_k5"]
     assert cached["seconds"][0] == pytest.approx(25.0) and cached["per_second_vs_dpo"] == pytest.approx(
         (0.08 / 25) / (0.04 / 50)
     )
@@ -78,16 +82,16 @@ def test_suite_summary_compares_with_diffusion_dpo_per_step_and_per_second(tmp_p
 
     summaries = {name: run_suite.summarize_world(args, name) for name in args.worlds}
     table = run_suite.markdown(args, summaries)
-    assert "| striped_size | default | +0.020 ± 0.000 | -0.020 ± 0.000 |" in table
-    assert "| default | 2 | yes | 0.50× | 0.25× |" in table  # the worst world is the striped one
-    assert "| default_cached | 2 | no |" in table
+    assert "| striped_size | inverted_noise_mix90_k5 | +0.020 ± 0.000 | -0.020 ± 0.000 |" in table
+    assert "| inverted_noise_mix90_k5 | 2 | yes | 0.50× | 0.25× |" in table  # the worst world is the striped one
+    assert "| inverted_noise_mix90_cached_k5 | 2 | no |" in table
     run_suite.plot(summaries, str(tmp_path / "suite.png"))
     assert Image.open(tmp_path / "suite.png").size[0] > 0
 
 
 def test_suite_runs_reach_run_alignment_with_the_world_and_a_results_path_it_writes():
     args = run_suite.parse_args(["--out_dir", "/tmp/suite"])
-    argv = run_suite.run_argv(args, "striped_size", "default", 2, True)
+    argv = run_suite.run_argv(args, "striped_size", "inverted_noise_mix90_k5", 2, True)
     from benchmarks import run_alignment
 
     parsed = run_alignment.parse_args(argv)
@@ -96,7 +100,7 @@ def test_suite_runs_reach_run_alignment_with_the_world_and_a_results_path_it_wri
         parsed.out_dir,
         f"alignment_{run_alignment.run_tag(parsed)}_seed{parsed.seed}_{parsed.results_tag}_results.json",
     )
-    assert run_suite.results_path(args, "striped_size", "default", 2, True) == expected
+    assert run_suite.results_path(args, "striped_size", "inverted_noise_mix90_k5", 2, True) == expected
     assert run_alignment.base_config(parsed) == world.WORLDS["striped_size"].config
 
 
