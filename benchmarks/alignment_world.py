@@ -306,8 +306,9 @@ def background_roughness(images):
     """Image-quality check: mean |pixel − mean of its 3x3 neighbourhood| over flat background, (N,) luminance units.
 
     A flat background's texture is an artefact (the blotches that a reward can be won with): 0 for a clean image,
-    larger is worse; a striped world's renders have their own level, against which a tuned model's is compared. Only pixels off the image border whose whole 3x3
-    neighbourhood is background count (the shape's own edges are not texture); 0 if there are none.
+    larger is worse; a striped world's renders have their own level, against which a tuned model's is compared. Only
+    pixels off the image border whose whole 3x3 neighbourhood is background count (the shape's own edges are not
+    texture); 0 if there are none.
     """
     luminance = _luminance(images)
     background = ~foreground_mask(images)

@@ -232,7 +232,8 @@ def base_reward_by_guidance(folder, reward):
 
 def markdown(diagnoses):
     lines = [
-        "| world | pairs' mean gap / reward std | base ε error, t < 333 / 333–666 / > 666 | base reward at guidance 1 / 5 |",
+        "| world | pairs' mean gap / reward std | base ε error, t < 333 / 333–666 / > 666 | "
+        "base reward at guidance 1 / 5 |",
         "|---|---:|---:|---:|",
     ]
     for name, d in diagnoses.items():
@@ -242,8 +243,8 @@ def markdown(diagnoses):
         lines.append(f"| {name} | {d['gap_over_reward_std']:.2f} | {errors} | {guidance} |")
     lines += [
         "",
-        f"| world | latent source | gradient SNR (batch of {BATCH_PAIRS}) | half-split cosine | variance from the draw | "
-        "SNR at t < 333 / 333–666 / > 666 |",
+        f"| world | latent source | gradient SNR (batch of {BATCH_PAIRS}) | half-split cosine | "
+        "variance from the draw | SNR at t < 333 / 333–666 / > 666 |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, d in diagnoses.items():

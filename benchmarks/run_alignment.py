@@ -55,8 +55,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Method name -> the train_inpo.py flags that make it that method; everything else is shared.
 # The inverted-noise methods (--latent_source inverted_noise: one fixed noise per image from a deterministic
 # inversion by the frozen reference, its x0 component removed, what the inversion cache stores) pin both their fresh
-# noise mix (0 unless the name says mix50) and K (10 unless the name says k5 / k50), where the scripts' defaults
-# are 0.5 and 5: pinned, so each method's numbers do not move with the defaults.
+# noise mix (0 unless the name says mix50 / mix90) and K (10 unless the name says k5 / k50), where the scripts'
+# defaults are 0.9 and 5: pinned, so each method's numbers do not move with the defaults.
 def inverted_noise_flags(fresh_noise_mix, inversion_steps):
     return [
         *["--latent_source", "inverted_noise", "--fresh_noise_mix", str(fresh_noise_mix)],
@@ -72,10 +72,10 @@ METHODS = {
     "inverted_noise": inverted_noise_flags(0, 10),
     "inverted_noise_mix50": inverted_noise_flags(0.5, 10),
     "inverted_noise_k50": inverted_noise_flags(0, 50),
-    "inverted_noise_mix50_k5": inverted_noise_flags(0.5, 5),  # the scripts' defaults, pinned
+    "inverted_noise_mix50_k5": inverted_noise_flags(0.5, 5),
     # The default with the pair's two inverted noises made one (--share_inverted_noise).
     "inverted_noise_mix50_k5_shared": [*inverted_noise_flags(0.5, 5), "--share_inverted_noise"],
-    # Nine tenths fresh noise: the default since the suite (benchmarks/run_suite.py) measured it against half.
+    # The scripts' defaults, pinned (mix 0.9 chosen on benchmarks/run_suite.py's worlds against 0.5).
     "inverted_noise_mix90_k5": inverted_noise_flags(0.9, 5),
 }
 # Methods trained from the invert-once cache: train_inpo.py first writes it (--precompute_inversion_cache), then

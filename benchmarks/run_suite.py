@@ -34,7 +34,6 @@ method's worst case over the worlds.
 import argparse
 import glob
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -45,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import alignment_world as world
 from benchmarks import run_alignment
+from benchmarks.summarize_alignment import mean_std
 
 
 ASSET = os.path.join(run_alignment.REPO_ROOT, "benchmarks", "assets", "world_base_model")
@@ -189,12 +189,6 @@ def world_flags(args, world_name):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def mean_std(values):
-    values = list(values)
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
-
-
 def load_runs(args, world_name):
     """{(method, seed, flipped): run_alignment results of that method (rows, seconds, ...), plus "base"}."""
     runs = {}
@@ -265,6 +259,11 @@ def summarize_world(args, world_name):
     return summary
 
 
+def _mean_sd(value):
+    mean, sd = value
+    return f"{mean:+.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+
 def _ratio(value):
     return "–" if value is None else f"{value:.2f}×"
 
@@ -304,9 +303,9 @@ def markdown(args, summaries):
         for method, r in summary.items():
             at_one = r["gain_at_guidance_1"]
             lines.append(
-                f"| {world_name} | {method} | {r['gain'][0]:+.3f} ± {r['gain'][1]:.3f} | "
-                f"{r['control_gain'][0]:+.3f} ± {r['control_gain'][1]:.3f} | {r['win_rate'][0]:.2f} | "
-                f"{r['fidelity'][0]:.3f} ({r['base_fidelity']:.3f}) | {r['quality'][0]:.4f} ({r['base_quality']:.4f}) | "
+                f"| {world_name} | {method} | {_mean_sd(r['gain'])} | {_mean_sd(r['control_gain'])} | "
+                f"{r['win_rate'][0]:.2f} | {r['fidelity'][0]:.3f} ({r['base_fidelity']:.3f}) | "
+                f"{r['quality'][0]:.4f} ({r['base_quality']:.4f}) | "
                 f"{r['seconds'][0]:.0f} | {_ratio(r['per_step_vs_dpo'])} | {_ratio(r['per_second_vs_dpo'])} | "
                 + ("–" if at_one is None else f"{at_one[0]:+.3f}")
                 + " |"
