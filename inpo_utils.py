@@ -11,10 +11,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The InPO method and its cache format, shared by train_inpo.py and train_inpo_sdxl.py (plain torch and diffusers
-schedulers; the scripts own arguments, data, models and the loop). x0 are VAE latents, t a training timestep,
-alphas_cumprod[t] is ᾱ_t. B preference pairs are 2B rows, winners first: rows [0, B) preferred, [B, 2B) rejected,
-row i and row B + i sharing their caption and timestep.
+"""The InPO method and its cache format, shared by train_inpo.py, train_inpo_sdxl.py and train_inpo_sd3.py (plain
+torch and diffusers schedulers; the scripts own arguments, data, models and the loop). x0 are VAE latents, t a training
+timestep, alphas_cumprod[t] is ᾱ_t; for flow matching (SD3) t is σ in [0, 1] and x_σ = (1 − σ)·x0 + σ·ε. B preference
+pairs are 2B rows, winners first: rows [0, B) preferred, [B, 2B) rejected, row i and row B + i sharing caption and t.
 """
 
 import json
@@ -23,12 +23,14 @@ import os
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMInverseScheduler
+from diffusers import DDIMInverseScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+FLOW_MATCH = "flow_match"  # rectified flow: the model predicts the velocity ε − x0
 LATENT_SOURCES = ("inverted_noise", "inversion", "forward")
 
 
@@ -156,6 +158,56 @@ def ddim_invert(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Flow matching (SD3): ODE inversion on the model's σ schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FlowMatchingSchedule:
+    """What the functions below need of a flow-matching model's schedule, in the place of a DDIM inverse scheduler:
+    the inversion grid `sigmas` (K + 1 ascending σ, 0 then the sampler's K σ of `FlowMatchEulerDiscreteScheduler`
+    with the model's shift, ending at 1), and training σ drawn as diffusers' SD3 scripts draw them (u from
+    `compute_density_for_timestep_sampling`, σ = the shifted training σ at index ⌊u·T⌋). Here t is σ."""
+
+    prediction_type = FLOW_MATCH
+
+    def __init__(self, scheduler_config, num_inversion_steps, weighting_scheme="logit_normal", logit_mean=0.0,
+                 logit_std=1.0, mode_scale=1.29, device=None):  # fmt: skip
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.config, self.num_inference_steps = scheduler.config, num_inversion_steps
+        self.training_sigmas = scheduler.sigmas.float().to(device)
+        scheduler.set_timesteps(num_inversion_steps)
+        self.sigmas = scheduler.sigmas.float().flip(0)
+        self.density = {"weighting_scheme": weighting_scheme, "logit_mean": logit_mean, "logit_std": logit_std,
+                        "mode_scale": mode_scale}  # fmt: skip
+
+    def sample_sigmas(self, num, generator=None, device=None):
+        """(num,) training σ from the density, drawn with `generator` (on its device)."""
+        device = generator.device if generator is not None else device
+        u = compute_density_for_timestep_sampling(batch_size=num, device=device, generator=generator, **self.density)
+        indices = (u * self.config.num_train_timesteps).long().clamp(max=len(self.training_sigmas) - 1)
+        return self.training_sigmas.to(u.device)[indices]
+
+
+def flow_match_invert(model, x0, sigmas, encoder_hidden_states, added_cond_kwargs=None):
+    """Integrate dx/dσ = v(x, σ) from x0 at σ = 0 over the ascending grid `sigmas` by Euler steps, without grad:
+    x_{k+1} = x_k + (σ_{k+1} − σ_k) · v(x_k, σ_{k+1}), the sampler's Euler step run backwards with the velocity read
+    at the level being reached (the convention of `DDIMInverseScheduler`, which also never calls the model at σ = 0).
+
+    Args: model called as model(x, σ (N,), encoder_hidden_states, added_cond_kwargs=...) returning `.sample`; x0
+    (N, C, H, W); sigmas (K + 1,) ascending from 0; encoder_hidden_states (N, L, D); added_cond_kwargs optional
+    (N, ...) tensors (SD3's `pooled_projections`). Returns (N, C, H, W) float32 latents at σ = sigmas[-1].
+    """
+    model_kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    latents = x0.float().clone()
+    with torch.no_grad():
+        for sigma_from, sigma_to in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            level = torch.full((len(x0),), sigma_to, device=x0.device)
+            velocity = model(latents.to(model.dtype), level, encoder_hidden_states, **model_kwargs).sample
+            latents = latents + (sigma_to - sigma_from) * velocity.float()
+    return latents
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Targets and loss
 # --------------------------------------------------------------------------------------------------------------
 
@@ -213,14 +265,40 @@ def forward_noised(x0, noise, timesteps, alphas_cumprod):
     return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
 
 
+def flow_match_noised(x0, noise, sigmas):
+    """x_σ = (1 − σ) · x0 + σ · ε. Args: x0, noise (N, C, H, W); sigmas (N,) in [0, 1]. Returns (N, C, H, W)."""
+    sigmas = _per_sample(sigmas, noise)
+    return (1 - sigmas) * x0 + sigmas * noise
+
+
+def noised_latents(x0, noise, timesteps, alphas_cumprod, prediction_type):
+    """The forward process of the model's kind: `flow_match_noised` (timesteps are σ), else `forward_noised`."""
+    if prediction_type == FLOW_MATCH:
+        return flow_match_noised(x0, noise, timesteps)
+    return forward_noised(x0, noise, timesteps, alphas_cumprod)
+
+
+def flow_match_inverted_noise(model, x0, encoder_hidden_states, schedule, added_cond_kwargs=None):
+    """`inverted_noise` for flow matching: `flow_match_invert` of x0 over the whole grid to σ_K, its implied noise
+    ε = (x_σK − (1 − σ_K)·x0)/σ_K (x_σK itself at σ_K = 1), its x0 component removed, standardised. Args as
+    `flow_match_invert`, schedule a `FlowMatchingSchedule`. Returns (N, C, H, W) float32."""
+    x_inv = flow_match_invert(model, x0, schedule.sigmas, encoder_hidden_states, added_cond_kwargs)
+    last = float(schedule.sigmas[-1])
+    noise = (x_inv - (1 - last) * x0.float()) / last
+    return standardise(remove_x0_component(noise, x0.float()))
+
+
 def inverted_noise(reference_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs=None):
     """The noise DDIM inversion assigns to each image: invert x0 over the whole grid (eta 0) to τ_K, take the
     implied noise ε_T, take out its x0 component (`remove_x0_component`), then `standardise`.
 
     The reparametrized-DDIM reading of InPO: one noise per image (independent of t, so it can be computed once),
     used like Diffusion-DPO's ε at any t. Args: x0 (N, C, H, W), encoder_hidden_states (N, L, D). Returns
-    (N, C, H, W) float32.
+    (N, C, H, W) float32. With a `FlowMatchingSchedule`, `flow_match_inverted_noise`.
     """
+    if isinstance(inverse_scheduler, FlowMatchingSchedule):
+        schedule = inverse_scheduler
+        return flow_match_inverted_noise(reference_unet, x0, encoder_hidden_states, schedule, added_cond_kwargs)
     alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
     beyond_grid = torch.full((len(x0),), inverse_scheduler.config.num_train_timesteps)
     x_inv = ddim_invert(
@@ -238,7 +316,9 @@ def v_prediction_target(noise, x0, timesteps, alphas_cumprod):
 
 
 def regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type):
-    """The UNet's regression target for noise `noise` in its own parameterisation (ε or v)."""
+    """The model's regression target for noise `noise` in its own parameterisation (ε, v, or the velocity ε − x0)."""
+    if prediction_type == FLOW_MATCH:
+        return noise - x0
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -299,6 +379,27 @@ def _per_sample(value, like):
     return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim else value
 
 
+def schedule_of(inverse_scheduler, device):
+    """(ᾱ (T,) on `device`, prediction type) of a DDIM inverse scheduler; (None, FLOW_MATCH) of a flow schedule."""
+    if isinstance(inverse_scheduler, FlowMatchingSchedule):
+        return None, FLOW_MATCH
+    return inverse_scheduler.alphas_cumprod.to(device), inverse_scheduler.config.prediction_type
+
+
+def sample_timesteps(inverse_scheduler, shape, generator, device):
+    """Training t: uniform on {0, ..., T−1}, or for flow matching σ from the schedule's density. Returns `shape`."""
+    if isinstance(inverse_scheduler, FlowMatchingSchedule):
+        return inverse_scheduler.sample_sigmas(math.prod(shape), generator, device).reshape(shape)
+    num_train_timesteps = inverse_scheduler.config.num_train_timesteps
+    return torch.randint(0, num_train_timesteps, shape, generator=generator, device=device)
+
+
+def _as_timesteps(timesteps, device):
+    """Integer t as long, σ (flow matching) as float32, on `device`."""
+    timesteps = timesteps.to(device)
+    return timesteps.float() if timesteps.is_floating_point() else timesteps.long()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The loss of one training step, from given UNets, latents and conditioning
 # --------------------------------------------------------------------------------------------------------------
@@ -355,7 +456,7 @@ def source_latents(
     Args: x0 (2B, C, H, W); timesteps (2B,); fresh_noise optional (2B, C, H, W) ξ (drawn from `generator` when
     None). Returns: (latents (2B, C, H, W) float32, noise (2B, C, H, W) float32).
     """
-    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
+    alphas_cumprod, prediction_type = schedule_of(inverse_scheduler, x0.device)
     if latent_source == "inversion":
         x_inv = ddim_invert(
             inversion_unet,
@@ -378,7 +479,7 @@ def source_latents(
         noise = pair_shared_noise(x0, generator) if fresh_noise is None else fresh_noise
     else:
         raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {latent_source!r}")
-    return forward_noised(x0.float(), noise, timesteps, alphas_cumprod), noise
+    return noised_latents(x0.float(), noise, timesteps, alphas_cumprod, prediction_type), noise
 
 
 def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -450,11 +551,10 @@ def inpo_step_loss(
     as `source_latents`;
     policy_dtype as `score_pairs`. Returns (loss, metrics) as `score_pairs`.
     """
-    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
+    alphas_cumprod, prediction_type = schedule_of(inverse_scheduler, x0.device)
     if timesteps is None:
-        num_train_timesteps = inverse_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_train_timesteps, (len(x0) // 2,), device=x0.device, generator=generator)
-    timesteps = timesteps.to(x0.device).long().repeat(2)
+        timesteps = sample_timesteps(inverse_scheduler, (len(x0) // 2,), generator, x0.device)
+    timesteps = _as_timesteps(timesteps, x0.device).repeat(2)
     latents, noise = source_latents(
         x0,
         timesteps,
@@ -469,7 +569,7 @@ def inpo_step_loss(
         fresh_noise,
         share_inverted_noise,
     )
-    target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, inverse_scheduler.config.prediction_type)
+    target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, prediction_type)
     reference_errors = reference_errors_at(
         reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
     )
@@ -521,6 +621,8 @@ def cache_fingerprint(args, scheduler_config, is_sdxl):
     }
     if is_sdxl:
         fingerprint.update(vae=args.pretrained_vae_model_name_or_path, fixed_time_ids=args.fixed_time_ids)
+    sd3_settings = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "without_t5")
+    fingerprint.update({name: getattr(args, name) for name in sd3_settings if hasattr(args, name)})
     return json.loads(json.dumps(fingerprint))  # normalise tuples/floats as they will read back
 
 
@@ -615,12 +717,12 @@ def cache_rows(
     if added_cond_kwargs:
         added_cond_kwargs = {k: as_stored(v).to(v.dtype) for k, v in added_cond_kwargs.items()}
     num_pairs = len(x0) // 2
-    config = inverse_scheduler.config
-    alphas_cumprod = inverse_scheduler.alphas_cumprod.to(x0.device)
+    alphas_cumprod, prediction_type = schedule_of(inverse_scheduler, x0.device)
     noise = inverted_noise(reference_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs)
     noise = as_stored(share_within_pairs(noise) if share_inverted_noise else noise)
     draw_shape = (num_pairs, draws_per_pair)
-    timesteps = torch.randint(0, config.num_train_timesteps, draw_shape, generator=generator, device=x0.device)
+    timesteps = sample_timesteps(inverse_scheduler, draw_shape, generator, x0.device)
+    timesteps = as_stored(timesteps) if timesteps.is_floating_point() else timesteps  # σ is stored in cache_dtype
     seeds = torch.randint(0, 2**62, draw_shape, generator=generator, device=x0.device)
     errors = []
     for draw in range(draws_per_pair):
@@ -629,8 +731,8 @@ def cache_rows(
         if fresh_noise_mix > 0:
             fresh = seeded_noise(seeds[:, draw].tolist(), x0.shape[1:]).to(x0.device).repeat(2, 1, 1, 1)
             mixed = mix_fresh_noise(noise, fresh, fresh_noise_mix)
-        latents = forward_noised(x0, mixed, draw_timesteps, alphas_cumprod)
-        target = regression_target(mixed, x0, draw_timesteps, alphas_cumprod, config.prediction_type)
+        latents = noised_latents(x0, mixed, draw_timesteps, alphas_cumprod, prediction_type)
+        target = regression_target(mixed, x0, draw_timesteps, alphas_cumprod, prediction_type)
         errors.append(
             reference_errors_at(
                 reference_unet, latents, target, draw_timesteps, encoder_hidden_states, added_cond_kwargs
@@ -779,11 +881,11 @@ def cached_step_loss(
     Args: x0, noise, fresh_noise (2B, C, H, W) winners first (fresh_noise None without the mix); timesteps (B,);
     encoder_hidden_states (2B, L, D); reference_errors (2B,). Returns (loss, metrics) as `score_pairs`.
     """
-    alphas_cumprod = alphas_cumprod.to(x0.device)
-    timesteps = timesteps.to(x0.device).long().repeat(2)
+    alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.to(x0.device)
+    timesteps = _as_timesteps(timesteps, x0.device).repeat(2)
     if fresh_noise_mix > 0:
         noise = mix_fresh_noise(noise, fresh_noise, fresh_noise_mix)
-    latents = forward_noised(x0, noise, timesteps, alphas_cumprod)
+    latents = noised_latents(x0, noise, timesteps, alphas_cumprod, prediction_type)
     target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
     return score_pairs(
         policy_unet,

@@ -82,6 +82,8 @@ check_min_version("0.32.0")
 logger = get_logger(__name__)
 
 IS_SDXL = False
+# The model family: recorded with checkpoints (so one family's cannot be resumed by another) and in the model card.
+FAMILY, FAMILY_NAME, FAMILY_TAG = "sd", "Stable Diffusion", "stable-diffusion"
 DEFAULT_VALIDATION_PROMPTS = [
     "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour",
     "a cute dragon made of wool, studio lighting",
@@ -997,7 +999,8 @@ def setup_policy_and_reference(unet, args, accelerator, with_reference=True):
     else:
         reference = None
         if with_reference:
-            reference = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
+            reference = copy.deepcopy(unet).requires_grad_(False)
+            reference.to(accelerator.device, dtype=weight_dtype).eval()
         unet.requires_grad_(True)
         unet.to(accelerator.device, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -1175,6 +1178,11 @@ def encode_prompt(batch, frozen, args, generator):
     return hidden_states.repeat(2, 1, 1), None
 
 
+def make_inverse_scheduler(scheduler_config, args, device):
+    """The DDIM inverse scheduler on the model's noise schedule with the --inversion_steps grid."""
+    return inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps, device)
+
+
 def policy_input_dtype(accelerator):
     """The dtype of the policy's trainable weights, which its inputs take: float32 under accelerate's mixed
     precision (`setup_policy_and_reference` keeps them so; autocast casts down), the mixed-precision dtype under
@@ -1240,7 +1248,7 @@ def compute_cached_loss(batch, unet, inverse_scheduler, args, accelerator):
 
 def run_settings(args):
     settings = {name: getattr(args, name) for name in STRUCTURAL_SETTINGS}
-    settings["family"] = "sdxl" if IS_SDXL else "sd"
+    settings["family"] = FAMILY
     return settings
 
 
@@ -1489,9 +1497,9 @@ def write_model_card(args, output_dir, images=None):
         make_image_grid(images, 1, len(images)).save(os.path.join(output_dir, "validation_grid.png"))
     kind = "LoRA adapters" if args.train_mode == "lora" else "a fully fine-tuned UNet"
     description = f"""
-# InPO {"SDXL " if IS_SDXL else ""}{kind} for {args.pretrained_model_name_or_path}
+# InPO {kind} for {args.pretrained_model_name_or_path} ({FAMILY_NAME})
 
-Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.dataset_name}`
+Aligned with InPO (Inversion Preference Optimization, CVPR 2025) on `{args.dataset_name}`
 (split `{args.dataset_split_name}`{f", {args.max_train_samples} pairs" if args.max_train_samples else ""}).
 
 | setting | value |
@@ -1520,7 +1528,7 @@ Aligned with DDIM-InPO (Inversion Preference Optimization, CVPR 2025) on `{args.
         "diffusers",
         "inpo",
         "diffusion-dpo",
-        "stable-diffusion-xl" if IS_SDXL else "stable-diffusion",
+        FAMILY_TAG,
     ]
     if args.train_mode == "lora":
         tags.append("lora")
@@ -1595,6 +1603,25 @@ def validate_saved_weights(args, accelerator, frozen):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def compute_cache_rows(batch, frozen, reference, inverse_scheduler, args, accelerator, generator):
+    """The cache entries of one batch of pairs: latents and conditioning, then `inpo_utils.cache_rows`."""
+    x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
+    encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)
+    with accelerator.autocast():
+        return inpo_utils.cache_rows(
+            reference,
+            x0,
+            encoder_hidden_states,
+            inverse_scheduler,
+            args.cache_dtype,
+            draws_per_pair=args.cache_draws_per_pair,
+            fresh_noise_mix=args.fresh_noise_mix,
+            added_cond_kwargs=added_cond_kwargs,
+            generator=generator,
+            share_inverted_noise=args.share_inverted_noise,
+        )
+
+
 def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, inverse_scheduler, fingerprint):
     """Write the cache shard by shard: x0, text conditioning, the inverted noise and each pair's training draws.
 
@@ -1637,21 +1664,7 @@ def precompute_inversion_cache(args, accelerator, dataset, frozen, reference, in
             if not kept:
                 continue
             batch = collate_pairs([example for _, example in kept])
-            x0 = encode_images(batch["pixel_values"], frozen["vae"], args.vae_encode_batch_size, generator)
-            encoder_hidden_states, added_cond_kwargs = encode_prompt(batch, frozen, args, generator)
-            with accelerator.autocast():
-                rows = inpo_utils.cache_rows(
-                    reference,
-                    x0,
-                    encoder_hidden_states,
-                    inverse_scheduler,
-                    args.cache_dtype,
-                    draws_per_pair=args.cache_draws_per_pair,
-                    fresh_noise_mix=args.fresh_noise_mix,
-                    added_cond_kwargs=added_cond_kwargs,
-                    generator=generator,
-                    share_inverted_noise=args.share_inverted_noise,
-                )
+            rows = compute_cache_rows(batch, frozen, reference, inverse_scheduler, args, accelerator, generator)
             rows["pair_index"] = torch.tensor([i for i, _ in kept])
             for name, value in rows.items():
                 columns.setdefault(name, []).append(value.cpu())
@@ -1714,7 +1727,8 @@ def prepare_training(args, accelerator, pairs, collate_fn, unet):
             ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     else:
-        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+        prepared = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+        unet, optimizer, dataloader, lr_scheduler = prepared
     if accelerator.is_main_process:
         write_run_settings(args)
         config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
@@ -1726,7 +1740,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     scheduler_config, pairs, collate_fn, dataset, frozen, unet = check_and_load(args, accelerator)
-    inverse_scheduler = inpo_utils.make_inverse_scheduler(scheduler_config, args.inversion_steps, accelerator.device)
+    inverse_scheduler = make_inverse_scheduler(scheduler_config, args, accelerator.device)
     if args.precompute_inversion_cache:
         reference = unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype_of(accelerator)).eval()
         fingerprint = inpo_utils.cache_fingerprint(args, scheduler_config, IS_SDXL)

@@ -39,6 +39,7 @@ import torch
 
 torch.set_num_threads(1)
 import datasets  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 
@@ -55,7 +56,7 @@ _shorten_datasets_thread_shutdown_sleep()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fixtures import build_tiny_pickapic, build_tiny_sd, build_tiny_sdxl  # noqa: E402
+from fixtures import build_tiny_pickapic, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +75,11 @@ def tiny_sdxl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return build_tiny_sd3(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="session")
 def pickapic(tmp_path_factory):
     """8 decided pairs + 1 tie, 40x48 images."""
     return build_tiny_pickapic(str(tmp_path_factory.mktemp("pickapic")), num_pairs=8)
@@ -88,6 +94,43 @@ def uninterrupted(tiny_sd, pickapic, tmp_path_factory):
     flags = tiny_run_args(tiny_sd, pickapic, out, steps=6, checkpointing_steps=2, dataloader_num_workers=2)
     launch("train_inpo.py", *flags)
     return out
+
+
+@pytest.fixture
+def simulated_fp16(monkeypatch):
+    """accelerate's fp16 path on the CPU, where accelerate itself refuses fp16: the Accelerator is set up as for bf16,
+    then switched to fp16 with a CPU `torch.amp.GradScaler` (2^16 initial scale, as on CUDA) and CPU fp16 autocast.
+    Frozen weights load in fp16, gradients are scaled, unscaled by `clip_grad_norm_` and stepped by the scaler."""
+    original_init = Accelerator.__init__
+
+    def init(self, *args, **kwargs):
+        fp16 = kwargs.get("mixed_precision") == "fp16"
+        if fp16:
+            kwargs["mixed_precision"] = "bf16"
+        original_init(self, *args, **kwargs)
+        if fp16:
+            self.state._mixed_precision = "fp16"
+            self.native_amp = True
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    monkeypatch.setattr(Accelerator, "__init__", init)
+
+
+@pytest.fixture
+def overflow_at_backward(monkeypatch):
+    """Make one trainable gradient inf after the listed backward calls (1-based), as an fp16 overflow does."""
+    calls, overflowing = [0], set()
+    original_backward = Accelerator.backward
+
+    def backward(self, loss, **kwargs):
+        original_backward(self, loss, **kwargs)
+        calls[0] += 1
+        if calls[0] in overflowing:
+            parameter = next(p for p in self._models[0].parameters() if p.requires_grad)
+            parameter.grad.view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    return overflowing
 
 
 class RunResult(NamedTuple):
@@ -114,6 +157,9 @@ def launch(script, *args, check=True):
     argv = sys.argv
     sys.argv = [os.path.join(REPO, script), *map(str, args)]
     returncode = 0
+    # A test may have built an Accelerator in this process; the run must start from a fresh state all the same.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:

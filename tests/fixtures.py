@@ -18,6 +18,7 @@ Both put the repository root on sys.path first (`benchmarks` is imported from th
 
     build_tiny_sd        a StableDiffusionPipeline, 32 px images, 16x16 latents
     build_tiny_sdxl      a StableDiffusionXLPipeline (two text encoders, text_time conditioning), same sizes
+    build_tiny_sd3       a StableDiffusion3Pipeline (two CLIP encoders and T5, an SD3 transformer, flow matching)
     build_tiny_pickapic  random colour-field pairs (the brighter one preferred) plus a tie, in Pick-a-Pic v2 layout
 """
 
@@ -26,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from benchmarks.alignment_world import write_tiny_clip_tokenizer
+from benchmarks.alignment_world import TINY_ALPHABET, write_tiny_clip_tokenizer
 from benchmarks.pickapic_format import encode_png, write_pickapic_parquet
 
 
@@ -152,6 +153,61 @@ def build_tiny_sdxl(path, seed=0):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=tiny_scheduler("epsilon"),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def write_tiny_t5_tokenizer(path):
+    """A T5 (unigram) tokenizer over single characters, saved to `path`."""
+    from transformers import T5TokenizerFast
+
+    pieces = list(TINY_ALPHABET) + ["▁" + c for c in TINY_ALPHABET]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(piece, -3.0) for piece in pieces]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def build_tiny_sd3(path, seed=0):
+    """Save a tiny StableDiffusion3Pipeline (CLIP-L/G-like encoders, T5, SD3 transformer, shift-3 flow matching)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"))
+    tokenizer_2 = write_tiny_clip_tokenizer(os.path.join(path, "tokenizer_2"))
+    tokenizer_3 = write_tiny_t5_tokenizer(os.path.join(path, "tokenizer_3"))
+    text_encoder = tiny_text_encoder(len(tokenizer), hidden_size=32, projection_dim=32, seed=seed)
+    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), hidden_size=32, projection_dim=32, seed=seed + 1)
+    torch.manual_seed(seed + 2)
+    t5_config = T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    text_encoder_3 = T5EncoderModel(t5_config)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width; the two CLIP encoders' 32 + 32 are padded to it
+        caption_projection_dim=16,
+        pooled_projection_dim=64,  # both pooled projections
+        pos_embed_max_size=16,
+    )
+    vae = tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.1, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(path)
     return path

@@ -135,6 +135,7 @@ def test_base_model_is_an_sd_pipeline_and_is_cached(tiny_base):
     pipe = world.load_pipeline(path)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert pipe.vae.config.scaling_factor == pytest.approx(meta["scaling_factor"])
+    assert world.family_of(path) == "sd" and world.max_sequence_length_of(path) is None
     messages = []
     assert world.build_base_model(path, config, log=messages.append) == meta
     assert "up to date" in messages[0]
@@ -216,12 +217,109 @@ def test_suite_worlds_render_their_structure():
 
 @pytest.mark.parametrize("name", sorted(world.WORLDS))
 def test_suite_world_models_have_the_world_size_and_16px_latents(name):
-    config = world.WORLDS[name].config
-    vae, unet = world._vae(config.image_size), world._unet(config.unet_channels)
     import torch
 
+    config = world.WORLDS[name].config
+    vae = world._vae(config.image_size)
     with torch.no_grad():
         latents = vae.encode(torch.zeros(1, 3, config.image_size, config.image_size)).latent_dist.mean
     assert latents.shape == (1, 4, world.LATENT_SIZE, world.LATENT_SIZE)
-    assert unet.config.block_out_channels == tuple(config.unet_channels)
+    if config.family == "sd3":
+        transformer = world._transformer(config)
+        tokens = world.TOKENIZER_MAX_LENGTH + world.SD3_MAX_SEQUENCE_LENGTH
+        with torch.no_grad():
+            velocity = transformer(
+                hidden_states=latents,
+                timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.zeros(1, tokens, transformer.config.joint_attention_dim),
+                pooled_projections=torch.zeros(1, transformer.config.pooled_projection_dim),
+            ).sample
+        assert velocity.shape == latents.shape
+    else:
+        unet = world._unet(config.unet_channels)
+        assert unet.config.block_out_channels == tuple(config.unet_channels)
     assert config.fingerprint() != world.BaseModelConfig().fingerprint() or name == world.DEFAULT_WORLD
+
+
+def test_sd_fingerprints_leave_the_sd3_fields_out():
+    # The shipped SD base model (benchmarks/assets/world_base_model) is cached under this fingerprint.
+    assert world.BaseModelConfig().fingerprint() == "e610f91ec4889016"
+    assert world.BaseModelConfig(transformer_layers=2).fingerprint() == "e610f91ec4889016"
+    sd3 = world.BaseModelConfig(family="sd3")
+    assert sd3.fingerprint() != world.BaseModelConfig().fingerprint()
+    assert world.BaseModelConfig(family="sd3", transformer_layers=2).fingerprint() != sd3.fingerprint()
+    assert world.WORLDS["shapes_brightness_flow"].config == sd3
+    with pytest.raises(ValueError, match="family"):
+        world.BaseModelConfig(family="sdxl")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_base(tmp_path_factory):
+    """An almost untrained SD3-layout base model: enough to check the pipeline layout, sampling and LoRA paths."""
+    path = str(tmp_path_factory.mktemp("world") / "base_sd3")
+    config = world.BaseModelConfig(
+        family="sd3", num_train_images=24, vae_steps=1, unet_steps=1, batch_size=4, transformer_layers=2
+    )
+    meta = world.build_base_model(path, config, num_check_seeds=1, num_inference_steps=2, log=lambda *_: None)
+    return path, config, meta
+
+
+def test_sd3_base_model_is_an_sd3_pipeline_that_samples_the_world_size(tiny_sd3_base):
+    path, config, meta = tiny_sd3_base
+    pipe = world.load_pipeline(path)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    assert type(pipe.text_encoder).__name__ == type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.vae.config.scaling_factor == pytest.approx(meta["scaling_factor"])
+    assert pipe.vae.config.shift_factor == pytest.approx(meta["shift_factor"])
+    assert world.family_of(path) == "sd3" and meta["family"] == "sd3"
+    assert world.max_sequence_length_of(path) == world.SD3_MAX_SEQUENCE_LENGTH == meta["max_sequence_length"]
+    assert meta["fingerprint"] == config.fingerprint() != world.BaseModelConfig().fingerprint()
+    captions, seeds = world.ALL_CAPTIONS[:3], [0, 1, 0]
+    images = world.sample_images(pipe, captions, seeds, num_inference_steps=2, guidance_scale=world.GUIDANCE_SCALE)
+    assert images.shape == (3, 32, 32, 3)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    # One generator per image: an image does not depend on the batch it was drawn in (up to a uint8 level, from
+    # float rounding that differs with the batch size).
+    alone = world.sample_images(pipe, captions[2:], seeds[2:], num_inference_steps=2, guidance_scale=5.0)
+    np.testing.assert_allclose(alone[0], images[2], atol=1.01 / 255)
+    messages = []
+    assert world.build_base_model(path, config, log=messages.append) == meta
+    assert "up to date" in messages[0]
+
+
+def _save_random_sd3_lora(model_dir, folder):
+    """A LoRA on the transformer with random (non-zero) up-projections, so it visibly changes the images."""
+    import torch
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    transformer.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:  # zero-initialised by peft, which would make the LoRA a no-op
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(transformer))
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=lora_layers)
+    return folder
+
+
+def test_sd3_lora_changes_evaluate_lora_images_and_is_unloaded(tiny_sd3_base, tmp_path):
+    path, _, _ = tiny_sd3_base
+    pipe = world.load_pipeline(path)
+    lora_dir = _save_random_sd3_lora(path, str(tmp_path / "lora"))
+    captions, seeds = world.eval_prompts(1)
+    sampling = {"num_inference_steps": 2}
+    before = world.evaluate(pipe, captions, seeds, **sampling)
+    tuned = world.evaluate_lora(pipe, lora_dir, captions, seeds, **sampling)
+    after = world.evaluate(pipe, captions, seeds, **sampling)
+    assert np.abs(tuned["images"] - before["images"]).max() > 0.05
+    np.testing.assert_array_equal(after["images"], before["images"])
+    assert not pipe.get_list_adapters()

@@ -31,43 +31,6 @@ import train_inpo_sdxl
 from conftest import launch, read_scalars, tiny_run_args
 
 
-@pytest.fixture
-def simulated_fp16(monkeypatch):
-    """accelerate's fp16 path on the CPU, where accelerate itself refuses fp16: the Accelerator is set up as for bf16,
-    then switched to fp16 with a CPU `torch.amp.GradScaler` (2^16 initial scale, as on CUDA) and CPU fp16 autocast.
-    Frozen weights load in fp16, gradients are scaled, unscaled by `clip_grad_norm_` and stepped by the scaler."""
-    original_init = Accelerator.__init__
-
-    def init(self, *args, **kwargs):
-        fp16 = kwargs.get("mixed_precision") == "fp16"
-        if fp16:
-            kwargs["mixed_precision"] = "bf16"
-        original_init(self, *args, **kwargs)
-        if fp16:
-            self.state._mixed_precision = "fp16"
-            self.native_amp = True
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-
-    monkeypatch.setattr(Accelerator, "__init__", init)
-
-
-@pytest.fixture
-def overflow_at_backward(monkeypatch):
-    """Make one trainable gradient inf after the listed backward calls (1-based), as an fp16 overflow does."""
-    calls, overflowing = [0], set()
-    original_backward = Accelerator.backward
-
-    def backward(self, loss, **kwargs):
-        original_backward(self, loss, **kwargs)
-        calls[0] += 1
-        if calls[0] in overflowing:
-            parameter = next(p for p in self._models[0].parameters() if p.requires_grad)
-            parameter.grad.view(-1)[0] = float("inf")
-
-    monkeypatch.setattr(Accelerator, "backward", backward)
-    return overflowing
-
-
 def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_finishes(
     tiny_sd, pickapic, tmp_path, simulated_fp16, overflow_at_backward
 ):

@@ -36,7 +36,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL_FILE = "train_inpo.py"
-COPY_FILES = ("train_inpo_sdxl.py",)
+COPY_FILES = ("train_inpo_sdxl.py", "train_inpo_sd3.py")
 MARKER = re.compile(r"^# Copied from train_inpo\.(?P<name>\w+)(?: with (?P<replace>.+))?\s*$")
 
 
