@@ -34,9 +34,7 @@ FLOW_MATCH = "flow_match"  # rectified flow: the model predicts the velocity ε 
 LATENT_SOURCES = ("inverted_noise", "inversion", "forward")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# DDIM inversion
-# --------------------------------------------------------------------------------------------------------------
+# -- DDIM inversion --------------------------------------------------------------------------------------------
 
 
 def make_inverse_scheduler(scheduler_config, num_inversion_steps, device=None):
@@ -99,16 +97,8 @@ def inversion_noise_std(alphas_cumprod, landed_timesteps, step_size):
     return variance.clamp(min=0).sqrt()
 
 
-def ddim_invert(
-    unet,
-    x0,
-    timesteps,
-    encoder_hidden_states,
-    inverse_scheduler,
-    eta=0.0,
-    generator=None,
-    added_cond_kwargs=None,
-):
+def ddim_invert(unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, eta=0.0, generator=None,
+        added_cond_kwargs=None):  # fmt: skip
     """Run DDIM inversion of clean latents `x0` up to the last grid point below timestep `timesteps[i]`, per
     sample, without grad (the InPO authors' inversion).
 
@@ -157,9 +147,7 @@ def ddim_invert(
     return latents
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Flow matching (SD3): ODE inversion on the model's σ schedule
-# --------------------------------------------------------------------------------------------------------------
+# -- Flow matching (SD3): ODE inversion on the model's σ schedule ----------------------------------------------
 
 
 class FlowMatchingSchedule:
@@ -207,9 +195,7 @@ def flow_match_invert(model, x0, sigmas, encoder_hidden_states, added_cond_kwarg
     return latents
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Targets and loss
-# --------------------------------------------------------------------------------------------------------------
+# -- Targets and loss ------------------------------------------------------------------------------------------
 
 
 def implied_noise(x_inv, x0, timesteps, alphas_cumprod):
@@ -400,9 +386,7 @@ def _as_timesteps(timesteps, device):
     return timesteps.float() if timesteps.is_floating_point() else timesteps.long()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The loss of one training step, from given UNets, latents and conditioning
-# --------------------------------------------------------------------------------------------------------------
+# -- The loss of one training step, from given UNets, latents and conditioning ---------------------------------
 
 
 class AdaptersDisabled:
@@ -432,20 +416,9 @@ def pair_shared_noise(x0, generator=None):
     return half.repeat(2, 1, 1, 1)
 
 
-def source_latents(
-    x0,
-    timesteps,
-    latent_source,
-    inversion_unet,
-    encoder_hidden_states,
-    inverse_scheduler,
-    eta=0.1,
-    added_cond_kwargs=None,
-    generator=None,
-    fresh_noise_mix=0.9,
-    fresh_noise=None,
-    share_inverted_noise=False,
-):
+def source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states, inverse_scheduler,
+        eta=0.1, added_cond_kwargs=None, generator=None, fresh_noise_mix=0.9, fresh_noise=None,
+        share_inverted_noise=False):  # fmt: skip
     """The noisy latents the loss is scored at and the noise they imply, for 2B rows laid out winners first.
 
     inverted_noise (the default): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(ε', ξ, fresh_noise_mix), ε' each image's
@@ -458,16 +431,8 @@ def source_latents(
     """
     alphas_cumprod, prediction_type = schedule_of(inverse_scheduler, x0.device)
     if latent_source == "inversion":
-        x_inv = ddim_invert(
-            inversion_unet,
-            x0,
-            timesteps,
-            encoder_hidden_states,
-            inverse_scheduler,
-            eta=eta,
-            generator=generator,
-            added_cond_kwargs=added_cond_kwargs,
-        )
+        x_inv = ddim_invert(inversion_unet, x0, timesteps, encoder_hidden_states, inverse_scheduler, eta=eta,
+            generator=generator, added_cond_kwargs=added_cond_kwargs)  # fmt: skip
         return x_inv, implied_noise(x_inv, x0.float(), timesteps, alphas_cumprod)
     if latent_source == "inverted_noise":
         noise = inverted_noise(inversion_unet, x0, encoder_hidden_states, inverse_scheduler, added_cond_kwargs)
@@ -492,18 +457,8 @@ def reference_errors_at(reference_unet, latents, target, timesteps, encoder_hidd
     return per_sample_mse(prediction, target)
 
 
-def score_pairs(
-    policy_unet,
-    latents,
-    target,
-    timesteps,
-    encoder_hidden_states,
-    reference_errors,
-    beta,
-    added_cond_kwargs=None,
-    loss_type="sigmoid",
-    policy_dtype=torch.float32,
-):
+def score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
+        added_cond_kwargs=None, loss_type="sigmoid", policy_dtype=torch.float32):  # fmt: skip
     """The policy's errors at (latents, t, c) against `target`, turned into the InPO loss with e_ref. Its inputs are
     cast to `policy_dtype`, that of its trainable weights: fp32 under accelerate's autocast, bf16/fp16 under
     DeepSpeed, which casts the whole module and runs no autocast.
@@ -523,25 +478,10 @@ def score_pairs(
     return loss, metrics
 
 
-def inpo_step_loss(
-    policy_unet,
-    reference_unet,
-    inversion_unet,
-    x0,
-    encoder_hidden_states,
-    inverse_scheduler,
-    beta,
-    latent_source="inverted_noise",
-    eta=0.1,
-    added_cond_kwargs=None,
-    timesteps=None,
-    generator=None,
-    loss_type="sigmoid",
-    fresh_noise_mix=0.9,
-    fresh_noise=None,
-    share_inverted_noise=False,
-    policy_dtype=torch.float32,
-):
+def inpo_step_loss(policy_unet, reference_unet, inversion_unet, x0, encoder_hidden_states,
+        inverse_scheduler, beta, latent_source="inverted_noise", eta=0.1, added_cond_kwargs=None,
+        timesteps=None, generator=None, loss_type="sigmoid", fresh_noise_mix=0.9, fresh_noise=None,
+        share_inverted_noise=False, policy_dtype=torch.float32):  # fmt: skip
     """Online InPO loss and metrics for B pairs: sample t, build the noisy latents, score policy against reference.
 
     Args: policy_unet, the trained UNet (called with grad); reference_unet, the frozen reference (without grad);
@@ -555,41 +495,17 @@ def inpo_step_loss(
     if timesteps is None:
         timesteps = sample_timesteps(inverse_scheduler, (len(x0) // 2,), generator, x0.device)
     timesteps = _as_timesteps(timesteps, x0.device).repeat(2)
-    latents, noise = source_latents(
-        x0,
-        timesteps,
-        latent_source,
-        inversion_unet,
-        encoder_hidden_states,
-        inverse_scheduler,
-        eta,
-        added_cond_kwargs,
-        generator,
-        fresh_noise_mix,
-        fresh_noise,
-        share_inverted_noise,
-    )
+    latents, noise = source_latents(x0, timesteps, latent_source, inversion_unet, encoder_hidden_states,
+        inverse_scheduler, eta, added_cond_kwargs, generator, fresh_noise_mix, fresh_noise, share_inverted_noise)  # fmt: skip
     target = regression_target(noise, x0.float(), timesteps, alphas_cumprod, prediction_type)
     reference_errors = reference_errors_at(
         reference_unet, latents, target, timesteps, encoder_hidden_states, added_cond_kwargs
     )
-    return score_pairs(
-        policy_unet,
-        latents,
-        target,
-        timesteps,
-        encoder_hidden_states,
-        reference_errors,
-        beta,
-        added_cond_kwargs,
-        loss_type,
-        policy_dtype,
-    )
+    return score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
+        added_cond_kwargs, loss_type, policy_dtype)  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Invert once: the inversion cache, one policy forward and backward per training step
-# --------------------------------------------------------------------------------------------------------------
+# -- Invert once: the inversion cache, one policy forward and backward per training step -----------------------
 
 CACHE_FORMAT_VERSION = 2
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -682,18 +598,9 @@ def seeded_noise(seeds, shape):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
 
 
-def cache_rows(
-    reference_unet,
-    x0,
-    encoder_hidden_states,
-    inverse_scheduler,
-    cache_dtype,
-    draws_per_pair=1,
-    fresh_noise_mix=0.9,
-    added_cond_kwargs=None,
-    generator=None,
-    share_inverted_noise=False,
-):
+def cache_rows(reference_unet, x0, encoder_hidden_states, inverse_scheduler, cache_dtype,
+        draws_per_pair=1, fresh_noise_mix=0.9, added_cond_kwargs=None, generator=None,
+        share_inverted_noise=False):  # fmt: skip
     """Cache entries for one batch of B pairs, in per-pair layout (B, 2, ...) with the winner at index 0.
 
     Each image's `inverted_noise` (K reference forwards; `share_within_pairs` with `share_inverted_noise`), and
@@ -859,22 +766,9 @@ def collate_cached(examples):
     }
 
 
-def cached_step_loss(
-    policy_unet,
-    x0,
-    noise,
-    timesteps,
-    encoder_hidden_states,
-    reference_errors,
-    alphas_cumprod,
-    prediction_type,
-    beta,
-    added_cond_kwargs=None,
-    loss_type="sigmoid",
-    fresh_noise_mix=0.9,
-    fresh_noise=None,
-    policy_dtype=torch.float32,
-):
+def cached_step_loss(policy_unet, x0, noise, timesteps, encoder_hidden_states, reference_errors,
+        alphas_cumprod, prediction_type, beta, added_cond_kwargs=None, loss_type="sigmoid",
+        fresh_noise_mix=0.9, fresh_noise=None, policy_dtype=torch.float32):  # fmt: skip
     """InPO loss and metrics for B cached pairs, the policy's forward only: online training's `inpo_step_loss` on
     the cached draw, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·mix_fresh_noise(noise, fresh_noise), against the stored e_ref.
 
@@ -887,15 +781,5 @@ def cached_step_loss(
         noise = mix_fresh_noise(noise, fresh_noise, fresh_noise_mix)
     latents = noised_latents(x0, noise, timesteps, alphas_cumprod, prediction_type)
     target = regression_target(noise, x0, timesteps, alphas_cumprod, prediction_type)
-    return score_pairs(
-        policy_unet,
-        latents,
-        target,
-        timesteps,
-        encoder_hidden_states,
-        reference_errors,
-        beta,
-        added_cond_kwargs,
-        loss_type,
-        policy_dtype,
-    )
+    return score_pairs(policy_unet, latents, target, timesteps, encoder_hidden_states, reference_errors, beta,
+        added_cond_kwargs, loss_type, policy_dtype)  # fmt: skip

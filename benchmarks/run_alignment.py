@@ -204,8 +204,15 @@ def latent_source(method):
     return sources[-1] if sources else DEFAULT_LATENT_SOURCE
 
 
+# The training script of each base-model family (alignment_world.BaseModelConfig.family).
+SCRIPTS = {"sd": "train_inpo.py", "sd3": "train_inpo_sd3.py"}
+
+
 def train_command(args, method, base_dir, pairs_dir, run_dir):
     source = latent_source(method)
+    family = world.family_of(base_dir)
+    # An SD3 world conditions on zero T5 tokens of its own length: trained with the length it was pretrained with.
+    max_sequence_length = world.max_sequence_length_of(base_dir)
     # train_inpo.py refuses --inversion_steps with forward noising and --inversion_eta without --latent_source
     # inversion: each is passed to the methods that take it (a method's own flags come last and win).
     inversion_steps = args.inversion_steps is not None and source != "forward"
@@ -217,7 +224,7 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         "--num_processes",
         "1",
         "--cpu",
-        os.path.join(REPO_ROOT, "train_inpo.py"),
+        os.path.join(REPO_ROOT, SCRIPTS[family]),
         "--pretrained_model_name_or_path",
         base_dir,
         "--dataset_name",
@@ -245,6 +252,7 @@ def train_command(args, method, base_dir, pairs_dir, run_dir):
         str(args.eval_every),
         *(["--inversion_steps", str(args.inversion_steps)] if inversion_steps else []),
         *(["--inversion_eta", str(args.inversion_eta)] if inversion_eta else []),
+        *(["--without_t5", "--max_sequence_length", str(max_sequence_length)] if family == "sd3" else []),
         *METHODS[method],
     ]
 

@@ -60,6 +60,9 @@ METHODS = [
     "inverted_noise_mix50_cached_k5",
     "inverted_noise_mix90_cached_k5",
 ]
+# On the flow-matching (SD3) world: Diffusion-DPO and the default, online and from the cache. train_inpo_sd3.py has
+# no paper's InPO (its DDIM inversion by the policy), and the variants the SD worlds settled are not run again.
+FLOW_MATCHING_METHODS = ["diffusion_dpo", "inverted_noise_mix90_k5", "inverted_noise_mix90_cached_k5"]
 REFERENCE_METHOD = "diffusion_dpo"
 SEEDS = [0, 1, 2]
 COMMON = [
@@ -89,6 +92,13 @@ def parse_args(argv=None):
     if args.quick:
         args.out_dir = os.path.join(args.out_dir, "quick")
     return args
+
+
+def methods_of(args, world_name):
+    """The methods of --methods that run on `world_name` (all of them, but FLOW_MATCHING_METHODS on an SD3 world)."""
+    if world.WORLDS[world_name].config.family == "sd3":
+        return [method for method in args.methods if method in FLOW_MATCHING_METHODS]
+    return list(args.methods)
 
 
 def run_argv(args, world_name, method, seed, flipped):
@@ -139,7 +149,7 @@ def run_suite(args):
     pending = [(name, None, [sys.executable, script, "--prepare", *world_flags(args, name)]) for name in args.worlds]
     for seed in args.seeds:
         for name in args.worlds:
-            for method in args.methods:
+            for method in methods_of(args, name):
                 for flipped in (False, True):
                     if not os.path.exists(results_path(args, name, method, seed, flipped)):
                         label = f"{name}_{method}_seed{seed}{'_flipped' if flipped else ''}"
@@ -213,7 +223,7 @@ def summarize_world(args, world_name):
     """{method: summary over seeds} of one world (methods with at least one finished seed and its control)."""
     runs = load_runs(args, world_name)
     summary = {}
-    for method in args.methods:
+    for method in methods_of(args, world_name):
         seeds = [s for s in args.seeds if (method, s, False) in runs and (method, s, True) in runs]
         if not seeds:
             continue
