@@ -18,7 +18,9 @@ shape's position and size, is random and not named by the caption. A programmati
 default: how bright the background is), so a preference-tuned model can be measured exactly, and a colour classifier
 checks that it still draws what the caption asks for. The default world is 32x32 px with one shape on a flat
 background; `BaseModelConfig` also builds others (64 px, a striped background, several copies of the shape, a
-smaller UNet), each a structurally different world for the benchmark suite (benchmarks/run_suite.py).
+smaller UNet), each a structurally different world for the benchmark suite (benchmarks/run_suite.py). A config's
+`family` picks the pipeline layout: "sd" (SD 1.5: UNet, epsilon prediction, DDIM) or "sd3" (Stable Diffusion 3: MMDiT
+transformer, rectified flow, flow-matching Euler sampling), so one world can be learned by both.
 
 The pieces, in the order a benchmark uses them:
     render / render_dataset        the world's ground-truth images and captions
@@ -28,7 +30,8 @@ The pieces, in the order a benchmark uses them:
     predict_colour, fidelity       does an image still follow its caption
     background_roughness, quality  texture in the flat background, an artefact (image-quality check)
     write_tiny_clip_tokenizer      a character-level CLIPTokenizer (the base model's; the tests' tiny pipelines')
-    build_base_model               a tiny StableDiffusionPipeline pretrained on the world, cached by fingerprint
+    build_base_model               a tiny StableDiffusionPipeline (or StableDiffusion3Pipeline) pretrained on the
+                                   world, cached by fingerprint; load_pipeline reads either back
     sample_images                  deterministic samples (one seed per image) from any pipeline
     make_preference_pairs          Pick-a-Pic-v2-format parquet of base-model sample pairs labelled by the reward
     evaluate, win_rate             mean reward, win rate against the base model and fidelity of a pipeline
@@ -80,6 +83,10 @@ STRIPE_PERIOD = (4.0, 8.0)
 NUM_INFERENCE_STEPS = 20
 GUIDANCE_SCALE = 5.0
 META_FILE = "world_meta.json"  # fingerprint + build statistics; `datasets` ignores it beside the parquet file
+FAMILIES = ("sd", "sd3")
+# An SD3 world has no T5 encoder: the pipeline appends this many zero "T5" tokens to the CLIP tokens, in training and
+# sampling alike. A few suffice (they carry nothing), and fewer keep the joint attention cheap.
+SD3_MAX_SEQUENCE_LENGTH = 4
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,9 +362,25 @@ class BaseModelConfig:
     unet_lr: float = 1e-3
     batch_size: int = 32
     caption_dropout: float = 0.1  # empty-caption training so classifier-free guidance works
+    # The pipeline layout (FAMILIES): "sd" trains `unet_channels`' UNet; "sd3" trains an SD3Transformer2DModel of the
+    # sizes below instead (unet_steps and unet_lr are then the transformer's: they are the denoiser's in either).
+    family: str = "sd"
+    transformer_layers: int = 8
+    transformer_heads: int = 4
+    transformer_head_dim: int = 16
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {FAMILIES}")
 
     def fingerprint(self):
-        payload = json.dumps({"world_version": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if self.family == "sd":
+            # An SD model does not depend on the SD3 fields, and leaving them out keeps the fingerprints that cached
+            # and shipped SD models are stored under.
+            for name in SD3_FIELDS:
+                del fields[name]
+        payload = json.dumps({"world_version": WORLD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def world(self):
@@ -368,6 +391,9 @@ class BaseModelConfig:
             "num_objects": self.num_objects,
             "shape_radius": tuple(self.shape_radius),
         }
+
+
+SD3_FIELDS = ("family", "transformer_layers", "transformer_heads", "transformer_head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,6 +434,12 @@ WORLDS = {
         "edge_sharpness",
         "64 px (a 3-level VAE), two copies of the shape on a flat grey; prefer the sharper outlines (a detail).",
     ),
+    "shapes_brightness_flow": World(
+        BaseModelConfig(family="sd3"),
+        "background_brightness",
+        "The shapes_brightness world (32 px, one shape on a flat grey; prefer the brighter background) learned by a "
+        "tiny SD3-layout model: an MMDiT transformer trained by rectified flow, sampled by flow-matching Euler.",
+    ),
 }
 DEFAULT_WORLD = "shapes_brightness"
 
@@ -438,22 +470,27 @@ def write_tiny_clip_tokenizer(path, max_length=16):
     return tokenizer
 
 
-def _text_encoder(vocab_size):
-    from transformers import CLIPTextConfig, CLIPTextModel
+CLIP_HIDDEN_SIZE = 32
+CLIP_PROJECTION_DIM = 32
+
+
+def _text_encoder(vocab_size, with_projection=False):
+    """A tiny random CLIP text encoder; `with_projection`: SD3's kind, whose projected output is the pooled caption."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=CLIP_HIDDEN_SIZE,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        projection_dim=32,
+        projection_dim=CLIP_PROJECTION_DIM,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 LATENT_SIZE = 16
@@ -509,6 +546,35 @@ def _scheduler():
         steps_offset=1,
         prediction_type="epsilon",
     )
+
+
+def _transformer(config):
+    """A tiny SD3Transformer2DModel on the 16x16 latents: 2x2 patches, so 64 image tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    patch_size = 2
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=patch_size,
+        in_channels=4,
+        out_channels=4,
+        num_layers=config.transformer_layers,
+        attention_head_dim=config.transformer_head_dim,
+        num_attention_heads=config.transformer_heads,
+        # The two CLIP encoders' hidden states side by side fill the joint attention width exactly, so the pipeline
+        # pads nothing; the pooled caption is their two projections side by side.
+        joint_attention_dim=2 * CLIP_HIDDEN_SIZE,
+        caption_projection_dim=config.transformer_heads * config.transformer_head_dim,
+        pooled_projection_dim=2 * CLIP_PROJECTION_DIM,
+        pos_embed_max_size=LATENT_SIZE // patch_size,
+    )
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # SD3's own schedule shift, so σ is drawn and stepped through as on the real model.
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
 def _to_model_range(images_uint8):
@@ -592,6 +658,51 @@ def _train_unet(unet, scheduler, latents, caption_index, embeddings, config, gen
     unet.eval()
 
 
+def _train_transformer(transformer, scheduler, latents, caption_index, conditioning, config, generator, log):
+    """Rectified-flow training on latents, as diffusers' SD3 training scripts do it.
+
+    latents: (mean, std) of the shifted and scaled posteriors, each (N, 4, 16, 16); a fresh posterior sample per use.
+    caption_index: (N,) rows of `conditioning` = (prompt_embeds (C + 1, L, D), pooled_prompt_embeds (C + 1, P)),
+    whose last rows are the empty caption. σ is logit-normal (their default, whose loss weighting is 1) on the
+    shifted schedule of `scheduler`: x_σ = (1 − σ)·x0 + σ·ε, and the model predicts the velocity ε − x0.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    mean, std = latents
+    prompt_embeds, pooled_prompt_embeds = conditioning
+    empty = len(prompt_embeds) - 1
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.unet_lr)
+    schedule = _cosine_lr(optimizer, config.unet_steps)
+    transformer.train()
+    for step in range(config.unet_steps):
+        idx = torch.randint(len(mean), (config.batch_size,), generator=generator)
+        x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
+        cond = caption_index[idx].clone()
+        cond[torch.rand(len(idx), generator=generator) < config.caption_dropout] = empty
+        u = compute_density_for_timestep_sampling(
+            "logit_normal", len(idx), logit_mean=0.0, logit_std=1.0, generator=generator
+        )
+        index = (u * num_train_timesteps).long()
+        sigma = scheduler.sigmas[index].view(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        prediction = transformer(
+            hidden_states=noisy,
+            timestep=scheduler.timesteps[index],
+            encoder_hidden_states=prompt_embeds[cond],
+            pooled_projections=pooled_prompt_embeds[cond],
+        ).sample
+        loss = F.mse_loss(prediction, noise - x0)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 200 == 0 or step == config.unet_steps - 1:
+            log(f"  transformer step {step}: loss {loss.item():.4f}")
+    transformer.eval()
+
+
 def _read_meta(path):
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
@@ -613,9 +724,11 @@ def build_base_model(
     guidance_scale=GUIDANCE_SCALE,
     log=print,
 ):
-    """Pretrain the tiny SD pipeline on the world and `save_pretrained` it to `path`; return its metadata.
+    """Pretrain the tiny pipeline of `config.family` on the world and `save_pretrained` it to `path`; return its
+    metadata.
 
-    Skipped if `path` already holds a model with the same fingerprint. The metadata (also in
+    "sd" trains a StableDiffusionPipeline's UNet by epsilon prediction; "sd3" a StableDiffusion3Pipeline's
+    transformer by rectified flow (its VAE trained as the SD one is). Skipped if `path` already holds a model with the same fingerprint. The metadata (also in
     `path/world_meta.json`) records build times, VAE reconstruction quality, and the fidelity and reward spread
     of `num_check_seeds` samples per caption drawn with the given sampling settings.
     """
@@ -623,23 +736,51 @@ def build_base_model(
     if meta is not None and meta.get("fingerprint") == config.fingerprint():
         log(f"Base model {path} is up to date (fingerprint {meta['fingerprint']}).")
         return meta
-    from diffusers import StableDiffusionPipeline
 
     start = time.time()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     images, captions = render_dataset(config.num_train_images, seed=config.seed, **config.world())
     pixels = _to_model_range(images)
+    build = _build_sd3 if config.family == "sd3" else _build_sd
+    pipe, stats = build(path, config, pixels, captions, generator, start, log)
+    pipe.save_pretrained(path)
+    check = evaluate(pipe, *eval_prompts(num_check_seeds), DEFAULT_REWARD, num_inference_steps, guidance_scale)
+    meta = {
+        "fingerprint": config.fingerprint(),
+        "family": config.family,
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),  # as read back: tuples become lists
+        **stats,
+        "samples": {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            **_summary(check, num_check_seeds),
+        },
+    }
+    _write_meta(path, meta)
+    log(f"Base model saved to {path}: {json.dumps(meta, indent=2)}")
+    return meta
+
+
+def _fit_vae(vae, pixels, config, generator, start, log):
+    """Train the VAE; return the posterior means and stds of `pixels` and the seconds since `start`."""
+    log(f"Training the VAE ({config.vae_steps} steps)...")
+    _train_vae(vae, pixels, config, generator, log)
+    vae_seconds = time.time() - start
+    mean, std = _encode(vae, pixels)
+    return mean, std, vae_seconds
+
+
+def _build_sd(path, config, pixels, captions, generator, start, log):
+    """The SD 1.5-layout pipeline pretrained on `pixels`, and its build statistics."""
+    from diffusers import StableDiffusionPipeline
 
     tokenizer = write_tiny_clip_tokenizer(os.path.join(path, "tokenizer"), max_length=TOKENIZER_MAX_LENGTH)
     text_encoder, scheduler = _text_encoder(len(tokenizer)), _scheduler()
     vae, unet = _vae(config.image_size), _unet(config.unet_channels)
     text_encoder.eval()  # stays random and frozen: still one distinct embedding sequence per caption
 
-    log(f"Training the VAE ({config.vae_steps} steps)...")
-    _train_vae(vae, pixels, config, generator, log)
-    vae_seconds = time.time() - start
-    mean, std = _encode(vae, pixels)
+    mean, std, vae_seconds = _fit_vae(vae, pixels, config, generator, start, log)
     # SD convention: latents are multiplied by scaling_factor so the diffusion model sees unit variance.
     scaling_factor = float(1 / mean.std())
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -662,24 +803,73 @@ def build_base_model(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path)
-    check = evaluate(pipe, *eval_prompts(num_check_seeds), DEFAULT_REWARD, num_inference_steps, guidance_scale)
-    meta = {
-        "fingerprint": config.fingerprint(),
-        "config": json.loads(json.dumps(dataclasses.asdict(config))),  # as read back: tuples become lists
+    stats = {
         "vae_seconds": round(vae_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "scaling_factor": scaling_factor,
         "reconstruction": reconstruction,
-        "samples": {
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            **_summary(check, num_check_seeds),
-        },
     }
-    _write_meta(path, meta)
-    log(f"Base model saved to {path}: {json.dumps(meta, indent=2)}")
-    return meta
+    return pipe, stats
+
+
+def _build_sd3(path, config, pixels, captions, generator, start, log):
+    """The SD3-layout pipeline (two CLIP encoders, no T5) pretrained on `pixels`, and its build statistics."""
+    from diffusers import StableDiffusion3Pipeline
+
+    tokenizers = [
+        write_tiny_clip_tokenizer(os.path.join(path, name), max_length=TOKENIZER_MAX_LENGTH)
+        for name in ("tokenizer", "tokenizer_2")
+    ]
+    # Both stay random and frozen, and differ from each other (drawn one after the other), as SD3's two CLIPs do.
+    text_encoders = [_text_encoder(len(tokenizer), with_projection=True).eval() for tokenizer in tokenizers]
+    vae, transformer = _vae(config.image_size), _transformer(config)
+
+    mean, std, vae_seconds = _fit_vae(vae, pixels, config, generator, start, log)
+    # SD3 convention: latents = (posterior - shift_factor) * scaling_factor, zero-mean and unit-variance for the
+    # transformer; the pipeline decodes latents / scaling_factor + shift_factor.
+    shift_factor = float(mean.mean())
+    scaling_factor = float(1 / (mean - shift_factor).std())
+    vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+    reconstruction = _reconstruction_report(vae, config)
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(),
+        vae=vae,
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizers[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer_2=tokenizers[1],
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.world_max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
+    log(f"Training the transformer ({config.unet_steps} steps)...")
+    # The pipeline's own encoding, so training sees exactly the conditioning (and empty caption) that sampling does.
+    with torch.no_grad():
+        prompt_embeds, _, pooled_prompt_embeds, _ = pipe.encode_prompt(
+            prompt=ALL_CAPTIONS + [""],
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+        )
+    caption_index = torch.tensor([ALL_CAPTIONS.index(c) for c in captions])
+    latents = ((mean - shift_factor) * scaling_factor, std * scaling_factor)
+    # A scheduler of its own: sampling's set_timesteps replaces the schedule that training draws σ from.
+    conditioning = (prompt_embeds, pooled_prompt_embeds)
+    _train_transformer(transformer, _flow_scheduler(), latents, caption_index, conditioning, config, generator, log)
+    train_seconds = time.time() - start
+
+    stats = {
+        "vae_seconds": round(vae_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
+        "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
+        "reconstruction": reconstruction,
+    }
+    return pipe, stats
 
 
 @torch.no_grad()
@@ -717,12 +907,46 @@ def image_size_of(path):
     return _read_meta(path)["config"]["image_size"]
 
 
-def load_pipeline(path):
-    from diffusers import StableDiffusionPipeline
+def family_of(path):
+    """The pipeline family ("sd" or "sd3") of the base model saved at `path`."""
+    return _read_meta(path).get("family", "sd")  # SD models' metadata may predate the field
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+
+def max_sequence_length_of(path):
+    """The T5 token count the SD3 base model saved at `path` was trained with; None for an SD model."""
+    return _read_meta(path).get("max_sequence_length")
+
+
+def load_pipeline(path):
+    """The base model saved at `path`, as the pipeline class its model_index.json names."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    with open(os.path.join(path, "model_index.json")) as f:
+        class_name = json.load(f)["_class_name"]
+    if class_name == StableDiffusion3Pipeline.__name__:
+        # No T5: saving leaves it out of model_index.json, so loading must be told it is absent.
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+        pipe.world_max_sequence_length = max_sequence_length_of(path)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _layout_kwargs(pipe):
+    """Call keywords that a pipeline's layout needs: an SD3 pipeline's T5 token count, the one it was trained with
+    (set by `load_pipeline` and `build_base_model`, else read from the metadata beside the pipeline)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if not isinstance(pipe, StableDiffusion3Pipeline):
+        return {}
+    length = getattr(pipe, "world_max_sequence_length", None)
+    if length is None and pipe.name_or_path and _read_meta(pipe.name_or_path) is not None:
+        length = max_sequence_length_of(pipe.name_or_path)
+    if length is None:
+        # The pipeline's default (256 zero tokens) would swamp the caption's attention: never guess it.
+        raise ValueError("an SD3 pipeline needs its world's max_sequence_length: load it with load_pipeline")
+    return {"max_sequence_length": length}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -733,13 +957,14 @@ def load_pipeline(path):
 @torch.no_grad()
 def sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale, batch_size=64):
     """One image per (caption, seed) pair, float (N, S, S, 3) in [0, 1], quantised to uint8 levels, at the
-    pipeline's own size (the UNet's sample size times the VAE's scale factor).
+    pipeline's own size (the UNet's or transformer's sample size times the VAE's scale factor).
 
     Each image's initial noise comes from its own seeded generator, so an image does not depend on the batch it
     was drawn in, and two pipelines sampled with the same seeds start from the same noise. Quantising makes the
     reward of a sample equal the reward of its PNG.
     """
     pipe.set_progress_bar_config(disable=True)
+    layout = _layout_kwargs(pipe)
     out = []
     for i in range(0, len(captions), batch_size):
         chunk = list(captions[i : i + batch_size])
@@ -750,6 +975,7 @@ def sample_images(pipe, captions, seeds, num_inference_steps, guidance_scale, ba
             guidance_scale=guidance_scale,
             generator=generators,
             output_type="np",
+            **layout,
         ).images
         out.append(np.round(images * 255).astype(np.uint8))
     return np.concatenate(out) / 255.0

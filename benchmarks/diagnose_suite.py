@@ -259,7 +259,9 @@ def markdown(diagnoses):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=os.path.join(run_alignment.REPO_ROOT, "benchmarks", "out", "suite"))
-    parser.add_argument("--worlds", nargs="+", choices=sorted(world.WORLDS), default=list(world.WORLDS))
+    # DDPM worlds only: the diagnostic reads the DDIM schedule.
+    ddpm_worlds = [name for name, spec in world.WORLDS.items() if spec.config.family == "sd"]
+    parser.add_argument("--worlds", nargs="+", choices=sorted(ddpm_worlds), default=ddpm_worlds)
     parser.add_argument("--num_pairs", type=int, default=256)
     parser.add_argument("--draws_per_pair", type=int, default=2)
     args = parser.parse_args(argv)

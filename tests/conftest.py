@@ -231,6 +231,7 @@ _PRELOAD = [
     "inpo_utils",
     "train_inpo",
     "train_inpo_sdxl",
+    "train_inpo_sd3",
 ]
 _forkserver = None
 

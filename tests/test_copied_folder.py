@@ -21,7 +21,14 @@ import sys
 from conftest import REPO, tiny_run_args
 
 
-FOLDER_FILES = ("train_inpo.py", "train_inpo_sdxl.py", "inpo_utils.py", "requirements.txt", "README.md")
+FOLDER_FILES = (
+    "train_inpo.py",
+    "train_inpo_sdxl.py",
+    "train_inpo_sd3.py",
+    "inpo_utils.py",
+    "requirements.txt",
+    "README.md",
+)
 
 
 def test_copied_folder_trains_from_another_working_directory(tiny_sd, pickapic, tmp_path):

@@ -12,9 +12,9 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Keep the marked copies in train_inpo_sdxl.py identical to their originals in train_inpo.py.
+"""Keep the marked copies in train_inpo_sdxl.py and train_inpo_sd3.py identical to their originals in train_inpo.py.
 
-A function, class or constant of train_inpo_sdxl.py that is the same as one of train_inpo.py stands below a line
+A function, class or constant of those scripts that is the same as one of train_inpo.py stands below a line
 
     # Copied from train_inpo.<name>
     # Copied from train_inpo.<name> with old->new[, old2->new2]
