@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""utils/check_copies.py: the marked copies in train_inpo_sdxl.py match train_inpo.py, and drift is caught and fixed."""
+"""utils/check_copies.py: the marked copies in train_inpo_sdxl.py and train_inpo_sd3.py match
+train_inpo.py, and drift is caught and fixed."""
 
 import os
 import shutil
@@ -31,12 +32,13 @@ def check_copies(*args):
 def test_the_repository_has_no_drifted_copies():
     result = check_copies("--repo", REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    with open(os.path.join(REPO, "train_inpo_sdxl.py")) as f:
-        assert f.read().count("# Copied from train_inpo.") > 20
+    for name in ("train_inpo_sdxl.py", "train_inpo_sd3.py"):
+        with open(os.path.join(REPO, name)) as f:
+            assert f.read().count("# Copied from train_inpo.") > 20
 
 
 def test_a_drifted_copy_fails_and_fix_rewrites_it(tmp_path):
-    for name in ("train_inpo.py", "train_inpo_sdxl.py"):
+    for name in ("train_inpo.py", "train_inpo_sdxl.py", "train_inpo_sd3.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
     sdxl = tmp_path / "train_inpo_sdxl.py"
     original = sdxl.read_text()
@@ -67,7 +69,7 @@ def test_a_drifted_copy_fails_and_fix_rewrites_it(tmp_path):
 
 
 def test_a_marker_naming_no_original_fails(tmp_path):
-    for name in ("train_inpo.py", "train_inpo_sdxl.py"):
+    for name in ("train_inpo.py", "train_inpo_sdxl.py", "train_inpo_sd3.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
     sdxl = tmp_path / "train_inpo_sdxl.py"
     sdxl.write_text(
