@@ -50,7 +50,8 @@ def generate(pipe, **kwargs):
 
 def test_lora_run_loads_into_sd3_text_and_image_pipelines_and_changes_their_output(tiny_sd3, pickapic, tmp_path):
     out = str(tmp_path / "run")
-    launch("train_inpo_sd3.py", *sd3_run_args(tiny_sd3, pickapic, out))
+    # bf16: the frozen encoders (T5 included) load in bf16 and the policy's forward runs under autocast.
+    launch("train_inpo_sd3.py", *sd3_run_args(tiny_sd3, pickapic, out, mixed_precision="bf16"))
     card = open(os.path.join(out, "README.md")).read()
     assert "stable-diffusion-3" in card and "Stable Diffusion 3" in card
     lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
